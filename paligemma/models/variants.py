@@ -42,7 +42,7 @@ GEMMA_VARIANTS = {
 }
 GEMMA_DEFAULTS = dict(
     variant=None, vocab_size=257_152, query_pre_attn_scalar=None,
-    rope_max_wavelength=10_000, norm_eps=1e-6,
+    rope_max_wavelength=10_000, norm_eps=1e-6, max_len=8192,
     post_norms=False, attn_logits_softcap=None, final_logits_softcap=None,
     sliding_window=None)
 GEMMA_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "num_kv_heads",

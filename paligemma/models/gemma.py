@@ -1,0 +1,252 @@
+"""Gemma 1 and Gemma 2 decoders (big_vision parameter names), with an explicit KV cache.
+
+Axis letters: B batch, T query positions, S key/value positions (cache slots),
+D width, N query heads, K key/value heads, G query heads per kv head (N = K*G),
+H head dim, F mlp dim, V vocabulary, L layers.
+
+The KV cache is a plain pytree (no flax "cache" collection) so that decoding is a pure
+function of (params, cache, tokens): k, v float[L, B, S, K, H], written at one slot index
+shared by the batch; which slots are real and their positions are tracked by the caller
+(see paligemma.models.paligemma).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from paligemma.models import layers
+
+_MASKED = -2.3819763e38  # Large negative logit for masked keys (finite: no NaN if all masked).
+
+
+class RMSNorm(nn.Module):
+  """x * rsqrt(mean(x^2) + eps) * (1 + scale), computed in float32."""
+  eps: float = 1e-6
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * (1 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class Einsum(nn.Module):
+  """A single weight `w` used in an einsum (the Gemma naming)."""
+  shape: tuple
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, eqn, x):
+    w = self.param("w", nn.initializers.normal(stddev=0.02), self.shape, self.param_dtype)
+    return jnp.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
+
+
+def apply_rope(x, positions, max_wavelength=10_000):
+  """RoPE, split-half layout. x: float[B, T, N, H], positions: int32[B, T]."""
+  half = x.shape[-1] // 2
+  timescale = max_wavelength ** (2 * jnp.arange(half, dtype=jnp.float32) / x.shape[-1])
+  angles = positions[..., None, None].astype(jnp.float32) / timescale  # [B, T, 1, H/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def softcap(x, cap):
+  """cap * tanh(x / cap); identity when cap is None or 0."""
+  return x if not cap else jnp.tanh(x / cap) * cap
+
+
+class Attention(nn.Module):
+  """Multi-query / grouped-query / multi-head attention with RoPE and optional soft-cap."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  query_pre_attn_scalar: float
+  attn_logits_softcap: float | None = None
+  rope_max_wavelength: int = 10_000
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache=None, cache_index=None):
+    """float[B, T, D], int32[B, T], bool[B, T, S] -> (float[B, T, D], (k, v) or None).
+
+    Without a cache, S == T and keys are the tokens themselves. With a cache
+    (k, v float[B, S, K, H]), this step's keys are written at slot `cache_index` first.
+    """
+    n, kh, h, d = self.num_heads, self.num_kv_heads, self.head_dim, x.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if n == kh:
+      q, k, v = Einsum((3, n, d, h), name="qkv_einsum", **kw)("BTD,SNDH->SBTNH", x)
+    else:
+      q = Einsum((n, d, h), name="q_einsum", **kw)("BTD,NDH->BTNH", x)
+      k, v = Einsum((2, kh, d, h), name="kv_einsum", **kw)("BTD,SKDH->SBTKH", x)
+    q = apply_rope(q, positions, self.rope_max_wavelength) * self.query_pre_attn_scalar ** -0.5
+    k = apply_rope(k, positions, self.rope_max_wavelength)
+
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, cache_index, 0, 0))
+      new_cache = (k, v)
+    else:
+      new_cache = None
+
+    b, t = q.shape[:2]
+    q = q.reshape(b, t, kh, n // kh, h)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    logits = softcap(logits, self.attn_logits_softcap)
+    logits = jnp.where(mask[:, None, None], logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+    out = Einsum((n, h, d), name="attn_vec_einsum", **kw)("BTNH,NHD->BTD", out)
+    return out, new_cache
+
+
+class FeedForward(nn.Module):
+  """GeGLU: gelu(x W_gate) * (x W_up) W_down, weights `gating_einsum` and `linear`."""
+  mlp_dim: int
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    init = nn.initializers.normal(stddev=0.02)
+    gating = self.param("gating_einsum", init, (2, d, self.mlp_dim), self.param_dtype)
+    linear = self.param("linear", init, (self.mlp_dim, d), self.param_dtype)
+    gating, linear = gating.astype(self.dtype), linear.astype(self.dtype)
+    x = x.astype(self.dtype)
+    h = nn.gelu(x @ gating[0], approximate=True) * (x @ gating[1])
+    return h @ linear
+
+
+class Block(nn.Module):
+  """One decoder layer; Gemma 2 adds post-attention and post-ffw norms."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  query_pre_attn_scalar: float
+  post_norms: bool = False
+  attn_logits_softcap: float | None = None
+  rope_max_wavelength: int = 10_000
+  norm_eps: float = 1e-6
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x, xs, positions, mask, mask_local, cache_index):
+    """x float[B, T, D]; xs = {is_local: bool[], cache: (k, v) or None} -> (x, new cache)."""
+    norm = lambda name: RMSNorm(self.norm_eps, self.param_dtype, name=name)
+    mask = jnp.where(xs["is_local"], mask_local, mask)
+    y = norm("pre_attention_norm")(x)
+    y, new_cache = Attention(
+        self.num_heads, self.num_kv_heads, self.head_dim, self.query_pre_attn_scalar,
+        self.attn_logits_softcap, self.rope_max_wavelength, self.dtype, self.param_dtype,
+        name="attn")(y, positions, mask, xs["cache"], cache_index)
+    if self.post_norms:
+      y = norm("post_attention_norm")(y)
+    x = x + y
+    y = norm("pre_ffw_norm")(x)
+    y = FeedForward(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y)
+    if self.post_norms:
+      y = norm("post_ffw_norm")(y)
+    return x + y, new_cache
+
+
+class Gemma(nn.Module):
+  """Gemma decoder. Use `embed` for tokens, `__call__` for the layers, `logits` for the head."""
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  vocab_size: int = 257_152
+  query_pre_attn_scalar: float | None = None
+  rope_max_wavelength: int = 10_000
+  norm_eps: float = 1e-6
+  post_norms: bool = False
+  attn_logits_softcap: float | None = None
+  final_logits_softcap: float | None = None
+  sliding_window: int | None = None
+  max_len: int = 8192
+  scan: bool = True
+  remat_policy: str = "none"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  variant: str | None = None  # Informative only; the fields above define the decoder.
+
+  def setup(self):
+    self.embedder = Embedder(self.vocab_size, self.width, self.dtype, self.param_dtype,
+                             name="embedder")
+    kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+              head_dim=self.head_dim, mlp_dim=self.mlp_dim,
+              query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
+              post_norms=self.post_norms, attn_logits_softcap=self.attn_logits_softcap,
+              rope_max_wavelength=self.rope_max_wavelength, norm_eps=self.norm_eps,
+              dtype=self.dtype, param_dtype=self.param_dtype)
+    block = layers.maybe_remat(Block, self.remat_policy)
+    if self.scan:
+      self.layers = layers.scan_layers(
+          block, self.depth, in_axes=(0,) + (nn.broadcast,) * 4)(name="layers", **kw)
+    else:
+      self.layers = [block(name=f"layers_{i}", **kw) for i in range(self.depth)]
+    self.final_norm = RMSNorm(self.norm_eps, self.param_dtype, name="final_norm")
+
+  def embed(self, tokens):
+    """int32[B, T] -> float[B, T, D], scaled by sqrt(D)."""
+    return self.embedder.encode(tokens)
+
+  def logits(self, x):
+    """float[B, ..., D] (final-normed) -> float32[B, ..., V], tied embedding + soft-cap."""
+    return softcap(self.embedder.decode(x), self.final_logits_softcap)
+
+  def is_local(self):
+    """bool[L]: which layers use the sliding window (even ones, as transformers)."""
+    local = jnp.arange(self.depth) % 2 == 0
+    return local if self.sliding_window else jnp.zeros_like(local)
+
+  def __call__(self, x, positions, mask, mask_local=None, cache=None, cache_index=None):
+    """Runs the layers and the final norm.
+
+    x float[B, T, D]; positions int32[B, T]; mask, mask_local bool[B, T, S] (mask_local
+    used on sliding-window layers); cache None or (k, v) float[L, B, S, K, H].
+    Returns (float[B, T, D], new cache or None).
+    """
+    mask_local = mask if mask_local is None else mask_local
+    xs = {"is_local": self.is_local(), "cache": cache}
+    if self.scan:
+      x, new_cache = self.layers(x, xs, positions, mask, mask_local, cache_index)
+    else:
+      per_layer = []
+      for i, layer in enumerate(self.layers):
+        x, c = layer(x, jax.tree.map(lambda a, i=i: a[i], xs), positions, mask, mask_local,
+                     cache_index)
+        per_layer.append(c)
+      new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+    return self.final_norm(x), new_cache
+
+
+class Embedder(nn.Module):
+  """Token embedding table `input_embedding` float[V, D], shared with the output head."""
+  vocab_size: int
+  width: int
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def setup(self):
+    self.input_embedding = self.param("input_embedding", nn.initializers.normal(stddev=1.0),
+                                      (self.vocab_size, self.width), self.param_dtype)
+
+  def encode(self, tokens):
+    x = jnp.take(self.input_embedding, tokens, axis=0).astype(self.dtype)
+    return x * jnp.sqrt(self.width).astype(self.dtype)
+
+  def decode(self, x):
+    return jnp.einsum("...D,VD->...V", x.astype(self.dtype),
+                      self.input_embedding.astype(self.dtype),
+                      preferred_element_type=jnp.float32)

@@ -1,0 +1,145 @@
+"""SigLIP ViT image tower (big_vision parameter names), with PaliGemma's projector `head`.
+
+Axis letters: B batch, N image tokens (patches), D width, H heads, K head dim, M mlp dim.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from paligemma.models import layers
+
+
+class MlpBlock(nn.Module):
+  """Dense -> gelu (tanh) -> Dense."""
+  mlp_dim: int
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    """float[B, N, D] -> float[B, N, D]."""
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    h = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=True)
+    return dense(x.shape[-1], "Dense_1")(h)
+
+
+class Attention(nn.Module):
+  """Bidirectional multi-head attention with biases (flax MultiHeadDotProductAttention names)."""
+  num_heads: int
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    """float[B, N, D] -> float[B, N, D]."""
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"ViT width {width} is not divisible by num_heads {self.num_heads}")
+    proj = lambda name: nn.DenseGeneral(
+        (self.num_heads, width // self.num_heads), dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)(x)
+    q, k, v = proj("query"), proj("key"), proj("value")
+    q = q * (width // self.num_heads) ** -0.5
+    logits = jnp.einsum("BNHK,BMHK->BHNM", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BHNM,BMHK->BNHK", probs, v)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="out")(out)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  ln_eps: float = 1e-6
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    """float[B, N, D] -> float[B, N, D] (scan-compatible: returns (x, None))."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = nn.LayerNorm(epsilon=self.ln_eps, name="LayerNorm_0", **kw)(x)
+    x = x + Attention(self.num_heads, name="MultiHeadDotProductAttention_0", **kw)(y)
+    y = nn.LayerNorm(epsilon=self.ln_eps, name="LayerNorm_1", **kw)(x)
+    x = x + MlpBlock(self.mlp_dim, name="MlpBlock_0", **kw)(y)
+    return x, None
+
+
+class Encoder(nn.Module):
+  """A stack of blocks (stacked on axis 0 as `encoderblock`, or `encoderblock_{i}`)."""
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  ln_eps: float = 1e-6
+  scan: bool = True
+  remat_policy: str = "none"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    """float[B, N, D] -> float[B, N, D]."""
+    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, ln_eps=self.ln_eps,
+              dtype=self.dtype, param_dtype=self.param_dtype)
+    block = layers.maybe_remat(Encoder1DBlock, self.remat_policy)
+    if self.scan:
+      x, _ = layers.scan_layers(block, self.depth)(name="encoderblock", **kw)(x, None)
+    else:
+      for i in range(self.depth):
+        x, _ = block(name=f"encoderblock_{i}", **kw)(x)
+    return nn.LayerNorm(epsilon=self.ln_eps, name="encoder_norm", dtype=self.dtype,
+                        param_dtype=self.param_dtype)(x)
+
+
+class ViT(nn.Module):
+  """SigLIP image encoder: patches -> tokens, no pooling, then the linear projector `head`."""
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int = 14
+  image_size: int = 224
+  ln_eps: float = 1e-6
+  num_classes: int | None = None  # Output width of `head` (the LLM width); None: no head.
+  scan: bool = True
+  remat_policy: str = "none"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  variant: str | None = None  # Informative only; the fields above define the tower.
+
+  @property
+  def num_tokens(self):
+    return (self.image_size // self.patch_size) ** 2
+
+  @nn.compact
+  def __call__(self, image):
+    """float32[B, H, W, 3] in [-1, 1] -> (float[B, N, num_classes], aux dict)."""
+    _, h, w, c = image.shape
+    if h != self.image_size or w != self.image_size or c != 3:
+      raise ValueError(f"Image batch of shape {image.shape[1:]} does not match the model's "
+                       f"({self.image_size}, {self.image_size}, 3): resize the images or set "
+                       f"img.image_size")
+    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+                padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
+                name="embedding")(image.astype(self.dtype))
+    x = x.reshape(x.shape[0], -1, self.width)
+    pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / self.width ** 0.5),
+                     (1, x.shape[1], self.width), self.param_dtype)
+    x = x + pos.astype(x.dtype)
+    x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.ln_eps, self.scan,
+                self.remat_policy, self.dtype, self.param_dtype, name="Transformer")(x)
+    aux = {"pre_logits": x}
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="head")(x)
+    return x, aux
+
+
+def check_image_size(image_size, patch_size):
+  """Raises if the resolution is not a whole number of patches."""
+  if image_size % patch_size:
+    raise ValueError(f"img.image_size={image_size} is not a multiple of the patch size "
+                     f"{patch_size}; use e.g. {image_size // patch_size * patch_size} or "
+                     f"{(image_size // patch_size + 1) * patch_size}")
