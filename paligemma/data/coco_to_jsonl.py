@@ -1,0 +1,49 @@
+"""Writes COCO detection examples as a jsonl file for the `jsonl` source.
+
+  python -m paligemma.data.coco_to_jsonl --annotations instances_val2017.json \\
+      --images val2017/ --output val2017_detect.jsonl [--classes cat,dog] \\
+      [--ask present|all] [--shuffle_objects] [--seed 0]
+
+Image paths are written relative to the output file's folder, so the pair can be moved
+together.
+"""
+
+import argparse
+import json
+import os
+
+from paligemma.data import coco_detection
+
+
+def write(output, exs):
+  """Writes examples to `output` as jsonl; returns the number written."""
+  folder = os.path.dirname(os.path.abspath(output))
+  with open(output, "w", encoding="utf-8") as f:
+    for ex in exs:
+      ex = dict(ex, image=os.path.relpath(os.path.abspath(ex["image"]), folder))
+      f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+  return len(exs)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description="COCO instances json -> detection jsonl.")
+  parser.add_argument("--annotations", required=True, help="COCO instances json file.")
+  parser.add_argument("--images", required=True, help="Folder of the images it names.")
+  parser.add_argument("--output", required=True, help="jsonl file to write.")
+  parser.add_argument("--classes", default=None, help="Comma-separated class names to keep.")
+  parser.add_argument("--ask", default="present", choices=coco_detection.ASK)
+  parser.add_argument("--shuffle_objects", action="store_true")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--keep_crowd", action="store_true", help="Keep iscrowd boxes.")
+  parser.add_argument("--keep_empty", action="store_true", help="Keep images without objects.")
+  args = parser.parse_args(argv)
+  classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+  exs = coco_detection.examples(args.annotations, args.images, classes, args.ask,
+                                args.shuffle_objects, args.seed, not args.keep_crowd,
+                                args.keep_empty)
+  n = write(args.output, exs)
+  print(f"Wrote {n} examples to {args.output}.")
+
+
+if __name__ == "__main__":
+  main()

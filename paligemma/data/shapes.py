@@ -1,0 +1,106 @@
+"""Synthetic coloured shapes on a plain background, drawn on the fly from a seed.
+
+The default data of the demo and the tests: small enough for a tiny model to learn.
+Example i is drawn from `numpy.random.default_rng([seed, i])`, so it is the same on
+every machine and at every access; train and evaluation sets use different seeds.
+
+  task="caption"  prefix "caption en", suffix "a red circle"
+                  (several shapes: "a red circle and a blue square", top to bottom)
+  task="detect"   prefix "detect circle ; square ; triangle" (every shape kind, always),
+                  suffix "<loc..>x4 circle ; ..." ordered by kind as in the prefix,
+                  then top to bottom
+
+Shapes do not overlap; each side is 30%..50% of the image divided by sqrt(number of
+shapes). Extra field `objects`: [{"label", "colour", "box": [y1, x1, y2, x2] in [0, 1]}].
+
+Config: {"name": "shapes", "task": "caption", "num_examples": 1000, "seed": 0,
+"image_size": 224, "max_shapes": 1}.
+"""
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from paligemma import tokenizer
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
+           "yellow": (235, 205, 20)}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUND = (255, 255, 255)
+TASKS = ("caption", "detect")
+
+
+class ShapesSource:
+  """Sequence of synthetic shape examples (see the module docstring)."""
+
+  def __init__(self, task="caption", num_examples=1000, seed=0, image_size=224,
+               max_shapes=1, colours=tuple(COLOURS), shapes=SHAPES):
+    if task not in TASKS:
+      raise ValueError(f"shapes `task` must be one of {TASKS}, got {task!r}.")
+    if num_examples < 1:
+      raise ValueError(f"shapes `num_examples` must be >= 1, got {num_examples}.")
+    if not 1 <= max_shapes <= 4:
+      raise ValueError(f"shapes `max_shapes` must be 1..4, got {max_shapes}.")
+    bad = sorted(set(colours) - set(COLOURS)) + sorted(set(shapes) - set(SHAPES))
+    if bad:
+      raise ValueError(f"Unknown colour/shape {bad}; valid: {list(COLOURS)}, {list(SHAPES)}.")
+    self.name = f"shapes {task} seed={seed}"
+    self.task, self.num_examples, self.seed = task, int(num_examples), int(seed)
+    self.image_size, self.max_shapes = int(image_size), int(max_shapes)
+    self.colours, self.shapes = list(colours), list(shapes)
+
+  def __len__(self):
+    return self.num_examples
+
+  def __getitem__(self, index):
+    if not -self.num_examples <= index < self.num_examples:
+      raise IndexError(f"shapes example {index} out of range({self.num_examples}).")
+    index %= self.num_examples
+    rng = np.random.default_rng([self.seed, index])
+    image, objects = self._draw(rng)
+    if self.task == "caption":
+      prefix = "caption en"
+      objects = sorted(objects, key=lambda o: (o["box"][0], o["box"][1]))
+      suffix = " and ".join(f"a {o['colour']} {o['label']}" for o in objects)
+    else:
+      prefix = "detect " + " ; ".join(self.shapes)
+      objects = sorted(objects, key=lambda o: (self.shapes.index(o["label"]), o["box"][0]))
+      suffix = tokenizer.detection_string([o["box"] for o in objects],
+                                          [o["label"] for o in objects])
+    return dict(image=image, prefix=prefix, suffix=suffix, id=f"shapes-{self.seed}-{index}",
+                references=[suffix], objects=objects)
+
+  def _draw(self, rng):
+    s = self.image_size
+    img = Image.new("RGB", (s, s), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    count = int(rng.integers(1, self.max_shapes + 1))
+    scale = 1.0 / np.sqrt(count)
+    objects, taken = [], []
+    for _ in range(count):
+      colour = self.colours[rng.integers(len(self.colours))]
+      kind = self.shapes[rng.integers(len(self.shapes))]
+      for _ in range(20):  # Rejection-sample a place that overlaps no earlier shape.
+        side = int(s * scale * rng.uniform(0.3, 0.5))
+        y, x = (int(v) for v in rng.integers(0, s - side + 1, size=2))
+        if all(y + side <= t[0] or t[2] <= y or x + side <= t[1] or t[3] <= x for t in taken):
+          break
+      else:
+        continue  # No room: fewer shapes.
+      taken.append((y, x, y + side, x + side))
+      xy = (x, y, x + side - 1, y + side - 1)
+      if kind == "circle":
+        draw.ellipse(xy, fill=COLOURS[colour])
+      elif kind == "square":
+        draw.rectangle(xy, fill=COLOURS[colour])
+      else:
+        draw.polygon([(x + side / 2, y), (x, y + side - 1), (x + side - 1, y + side - 1)],
+                     fill=COLOURS[colour])
+      box = [y / s, x / s, (y + side) / s, (x + side) / s]
+      objects.append({"label": kind, "colour": colour, "box": box})
+    return np.asarray(img, np.uint8), objects
+
+
+def make(task="caption", num_examples=1000, seed=0, image_size=224, max_shapes=1,
+         colours=tuple(COLOURS), shapes=SHAPES):
+  """Source of synthetic shape examples."""
+  return ShapesSource(task, num_examples, seed, image_size, max_shapes, colours, shapes)

@@ -1,0 +1,73 @@
+"""What a data source is, and how one is chosen from a config dict.
+
+A source is a read-only sequence of examples (`len(source)`, `source[i]`), each a dict:
+
+  image       str path, encoded bytes, or uint8[H, W, 3] array
+  prefix      str, the prompt ("caption en", "answer en what is ...", "detect cat")
+  suffix      str, the target text, or None where unknown (prediction-only data)
+  id          str, unique within the source
+  references  list[str], every acceptable target (all captions of an image, all VQA
+              answers); where a source has none it is [suffix]
+  ...         source-specific extras (e.g. `objects`), kept as they are
+
+Random access lets the pipeline shuffle, shard and resume by index without reading the
+data twice. Images are read lazily by the pipeline, so building a source only parses
+annotation files.
+
+`make_source({"name": ..., **options})` builds one; the options of each name are the
+keyword arguments of its `make` function (see the module of that name).
+"""
+
+import importlib
+import inspect
+
+# name -> module in paligemma.data with a `make(**options)` function.
+SOURCES = {
+    "jsonl": "jsonl",
+    "flickr8k": "flickr8k",
+    "coco_detection": "coco_detection",
+    "vqa": "vqa",
+    "shapes": "shapes",
+}
+
+
+class ListSource:
+  """A source backed by a list of example dicts."""
+
+  def __init__(self, name, examples):
+    self.name = name
+    self._examples = list(examples)
+    if not self._examples:
+      raise ValueError(f"Data source {name} is empty: no examples found.")
+
+  def __len__(self):
+    return len(self._examples)
+
+  def __getitem__(self, index):
+    return self._examples[index]
+
+  def __repr__(self):
+    return f"<{type(self).__name__} {self.name}: {len(self)} examples>"
+
+
+def make_source(config):
+  """A source from a config dict {"name": ..., **options}; a source passes through."""
+  if not isinstance(config, dict) and not hasattr(config, "keys"):
+    if hasattr(config, "__getitem__") and hasattr(config, "__len__"):
+      return config  # Already a source.
+    raise TypeError(f"A data source config is a dict with a `name`, got {type(config).__name__}.")
+  options = dict(config)
+  name = options.pop("name", None)
+  if name not in SOURCES:
+    raise ValueError(f"Unknown data source name {name!r}; valid names: {', '.join(SOURCES)}.")
+  module = importlib.import_module(f"paligemma.data.{SOURCES[name]}")
+  params = inspect.signature(module.make).parameters
+  unknown = sorted(set(options) - set(params))
+  if unknown:
+    raise ValueError(f"Unknown option(s) {unknown} for data source {name!r}; valid options: "
+                     f"{sorted(params)}.")
+  missing = sorted(k for k, p in params.items()
+                   if p.default is inspect.Parameter.empty and k not in options)
+  if missing:
+    raise ValueError(f"Data source {name!r} needs option(s) {missing}.")
+  return module.make(**options)
