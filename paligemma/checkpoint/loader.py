@@ -1,0 +1,137 @@
+"""`load`: any supported checkpoint -> (params, model_config), one leaf at a time."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paligemma.checkpoint import adapt
+from paligemma.checkpoint import hf
+from paligemma.checkpoint import kaggle
+from paligemma.checkpoint import npz
+from paligemma.checkpoint import shapes as shapes_lib
+from paligemma.checkpoint import tree
+from paligemma.checkpoint.source import CheckpointError
+from paligemma.models import variants
+
+_EMBEDDING, _POSEMB = "llm/embedder/input_embedding", "img/pos_embedding"
+
+
+def describe(source):
+  """Source (leaves + inferred config) for a path, HF directory or `kaggle:` handle."""
+  source = os.fspath(source)
+  if source.startswith(kaggle.PREFIX):
+    return describe(kaggle.pick_checkpoint(kaggle.resolve(source), source))
+  if not os.path.exists(source):
+    raise CheckpointError(f"{source}: no such file or directory (for a Kaggle model use "
+                          "kaggle:<owner>/<model>/jax/<variation>)")
+  if os.path.isdir(source):
+    if os.path.exists(os.path.join(source, "config.json")):
+      return hf.describe(source)
+    return describe(kaggle.pick_checkpoint(source))
+  if source.endswith(hf.PICKLE_SUFFIXES):
+    raise CheckpointError(hf.refuse_pickle_message(source))
+  if source.endswith(".safetensors"):
+    return hf.describe(os.path.dirname(source) or ".")
+  if source.endswith(".npz"):
+    return npz.describe(source)
+  raise CheckpointError(f"{source}: unknown checkpoint format; expected a .npz file, a "
+                        "Hugging Face directory (config.json + *.safetensors) or a kaggle: handle")
+
+
+def _preset(kind, name):
+  """The fields a variant name fixes (architecture), without the defaults."""
+  if kind == "img":
+    full = variants.resolve_vit({"variant": name})
+    return {k: full[k] for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size")}
+  full = variants.resolve_gemma({"variant": name})
+  return {k: full[k] for k in list(variants.GEMMA_VARIANTS[name]) + ["query_pre_attn_scalar"]}
+
+
+def merge_config(inferred, given):
+  """The file's config, overridden by a given (partial) one; a given variant brings its dims."""
+  out = {}
+  for kind, resolve in (("img", variants.resolve_vit), ("llm", variants.resolve_gemma)):
+    cfg = dict(inferred[kind])
+    g = dict((given or {}).get(kind) or {})
+    if g.get("variant") is not None:
+      cfg.update(_preset(kind, g["variant"]))
+    cfg.update(g)
+    out[kind] = resolve(cfg)
+  return out
+
+
+def _check(src, expected):
+  """Raises on the first shape that the config and file disagree on (beyond resizing)."""
+  for name, shape in expected.items():
+    leaf = src.leaves.get(name)
+    if leaf is None:
+      continue
+    have = tuple(leaf.shape)
+    if name == _EMBEDDING:
+      ok = len(have) == 2 and have[1] == shape[1]
+    elif name == _POSEMB:
+      ok = len(have) == 3 and have[2] == shape[2] and np.sqrt(have[1]) % 1 == 0
+    else:
+      ok = have == shape
+    if not ok:
+      raise CheckpointError(f"{leaf.origin}: {name} has shape {have} in the file but "
+                            f"{shape} in the model config (checkpoint of another variant?)")
+  missing = [n for n in expected if n not in src.leaves]
+  if missing:
+    raise CheckpointError(f"{src.path}: missing key(s) the model config needs: "
+                          + ", ".join(missing))
+  extra = [n for n in src.leaves if n not in expected]
+  if extra:
+    raise CheckpointError(f"{src.path}: key(s) the model config does not use (checkpoint of "
+                          f"another variant?): {', '.join(extra)}")
+
+
+def _placer(sharding):
+  if sharding is None:
+    return lambda path, x: jax.device_put(x)
+  if isinstance(sharding, jax.sharding.Sharding):
+    return lambda path, x: jax.device_put(x, sharding)
+  return lambda path, x: jax.device_put(x, sharding(path, x.shape))
+
+
+def load(source, *, config=None, dtype=None, sharding=None, stacked=True, progress=False):
+  """Checkpoint (.npz, HF dir, `kaggle:` handle) -> (params, model_config).
+
+  config: optional (partial) model_config; a different vocab_size trims / extends the
+  embedding (adapt.resize_vocab), a different img image_size resamples pos_embedding;
+  any other disagreement with the file raises CheckpointError.
+  dtype: cast every leaf (e.g. "bfloat16"); None keeps the file's dtype.
+  sharding: a jax.sharding.Sharding, or callable(path_tuple, shape) -> Sharding.
+  stacked: False returns per-layer names (`encoderblock_{i}`, `layers_{i}`).
+  """
+  src = describe(source)
+  model_config = merge_config(src.config, config)
+  expected = shapes_lib.param_shapes(model_config)
+  _check(src, expected)
+  place = _placer(sharding)
+  cast = None if dtype is None else np.dtype(jnp.dtype(dtype))
+  names = list(expected)
+  if progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    names = tqdm(names, desc=f"loading {os.path.basename(os.fspath(source).rstrip('/'))}",
+                 unit="leaf")
+  flat = {}
+  for name in names:
+    arr = src.leaves[name].read()
+    if name == _EMBEDDING:
+      arr = adapt.resize_vocab(arr, expected[name][0])
+    elif name == _POSEMB:
+      arr = adapt.resize_posemb(arr, expected[name][1])
+    # Copy out of the memory map (the cast copies anyway) so the file can be unmapped.
+    arr = arr.astype(cast) if cast is not None else np.array(arr)
+    split = None if stacked else tree.stacked_group(name)
+    if split is None:
+      flat[name] = place(tuple(name.split("/")), arr)
+    else:
+      for i in range(arr.shape[0]):
+        layer = tree.per_layer_name(split[0], i, split[1])
+        flat[layer] = place(tuple(layer.split("/")), np.ascontiguousarray(arr[i]))
+    del arr
+  return tree.unflatten(flat), model_config

@@ -1,0 +1,35 @@
+"""What a checkpoint reader hands the loader: lazily readable leaves and a config.
+
+Readers (npz.py, hf.py) describe a file without reading its arrays; the loader then
+reads, adapts, casts and places one leaf at a time, so peak memory stays near the size
+of the loaded parameters plus one leaf.
+"""
+
+import dataclasses
+from typing import Callable
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be loaded as asked; the message names the file and key."""
+
+
+@dataclasses.dataclass
+class Leaf:
+  """One of our (stacked) parameters in a file: shape, dtype, and how to read it.
+
+  `read() -> np.ndarray` of `shape` (possibly a memory map: copy before keeping).
+  `origin` names the file and its key(s), for error messages.
+  """
+  shape: tuple
+  dtype: object
+  read: Callable
+  origin: str
+
+
+@dataclasses.dataclass
+class Source:
+  """A described checkpoint: {our stacked name: Leaf} and the model_config it implies."""
+  path: str
+  kind: str  # "npz" | "hf"
+  leaves: dict
+  config: dict

@@ -1,0 +1,66 @@
+r"""Convert a PaliGemma checkpoint between .npz (big_vision / Kaggle) and Hugging Face.
+
+  python -m paligemma.convert SRC DST [--to npz|hf] [--dtype float32|bfloat16|float16]
+
+SRC: a .npz file, a Hugging Face directory (config.json + *.safetensors) or a
+`kaggle:<owner>/<model>/jax/<variation>` handle. DST: a .npz path or a directory; --to
+defaults to npz when DST ends in .npz, else hf. Prints one summary line at the end.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from paligemma import checkpoint
+
+
+def _variant(model_config):
+  img, llm = model_config["img"], model_config["llm"]
+  vit = img["variant"] or f"ViT(width={img['width']}, depth={img['depth']})"
+  gemma = llm["variant"] or f"Gemma(width={llm['width']}, depth={llm['depth']})"
+  return f"{vit} + {gemma} at {img['image_size']}px, vocab {llm['vocab_size']:,}"
+
+
+def summary(params, model_config, dst, to, nbytes):
+  """One line: what was written, how many parameters and bytes, which variant."""
+  leaves = list(checkpoint.tree.flatten(params).values())
+  count = sum(int(np.prod(x.shape)) for x in leaves)
+  dtypes = sorted({str(x.dtype) for x in leaves})
+  return (f"wrote {dst} ({to}): {count:,} parameters, {nbytes:,} bytes "
+          f"({nbytes / 2**30:.2f} GiB, {'/'.join(dtypes)}), {_variant(model_config)}")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m paligemma.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("src", help=".npz file, Hugging Face directory or kaggle: handle")
+  parser.add_argument("dst", help=".npz path or output directory")
+  parser.add_argument("--to", choices=("npz", "hf"), help="output format (default: from DST)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                      help="cast every parameter (default: keep the source's)")
+  parser.add_argument("--tokenizer", help="SentencePiece model: also write the HF processor "
+                      "files (--to hf only)")
+  args = parser.parse_args(argv)
+  to = args.to or ("npz" if args.dst.endswith(".npz") else "hf")
+  if to == "hf" and os.path.isfile(args.dst):
+    parser.error(f"{args.dst} is a file; --to hf writes a directory")
+  if args.tokenizer and to != "hf":
+    parser.error("--tokenizer only applies to --to hf")
+  try:
+    params, model_config = checkpoint.load(args.src, dtype=args.dtype, progress=True)
+    if to == "npz":
+      nbytes = checkpoint.save_npz(params, args.dst, progress=True)
+    else:
+      nbytes = checkpoint.save_hf(params, model_config, args.dst, tokenizer=args.tokenizer,
+                                  progress=True)
+  except checkpoint.CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(summary(params, model_config, args.dst, to, nbytes))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
