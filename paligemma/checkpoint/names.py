@@ -288,7 +288,7 @@ def to_hf_config(model_config, dtype="float32"):
   if gemma2:
     window = llm["sliding_window"]
     text.update(
-        query_pre_attn_scalar=llm["query_pre_attn_scalar"],
+        query_pre_attn_scalar=_number(llm["query_pre_attn_scalar"]),  # transformers wants int.
         attn_logit_softcapping=llm["attn_logits_softcap"],
         final_logit_softcapping=llm["final_logits_softcap"],
         # Local layers are the even ones (layer 0 local), as transformers' default.
