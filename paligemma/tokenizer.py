@@ -75,6 +75,7 @@ class Tokenizer:
       proto = add_loc_seg_pieces(proto)
       sp = spm.SentencePieceProcessor(model_proto=proto)
     self._sp = sp
+    self.model_proto = proto  # Serialized, loc/seg included: what exporters should write.
     self._check_layout()
     self.loc_offset = sp.piece_to_id(loc_piece(0))
     self.seg_offset = sp.piece_to_id(seg_piece(0))

@@ -74,6 +74,8 @@ def test_plain_gemma_style_model_gets_loc_seg_appended(tmp_path, tok):
   assert (plain.loc_offset, plain.seg_offset) == (TEXT_VOCAB, TEXT_VOCAB + 1024)
   text = "detect circle ; square <loc0000><loc0512><loc1023><loc0256> circle"
   assert plain.encode(text) == tok.encode(text)
+  # The in-memory model (what exporters write) holds the appended pieces.
+  assert spm.SentencePieceProcessor(model_proto=plain.model_proto).piece_to_id("<seg127>") == 1919
 
 
 def test_partial_loc_set_is_refused(tmp_path):
