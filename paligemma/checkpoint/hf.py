@@ -21,7 +21,7 @@ import safetensors.numpy
 from paligemma.checkpoint import names
 from paligemma.checkpoint import shapes as shapes_lib
 from paligemma.checkpoint import tree
-from paligemma.checkpoint.source import CheckpointError, Leaf, Source
+from paligemma.checkpoint.source import CheckpointError, Leaf, Source, aligned_empty
 from paligemma.models import variants
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
@@ -37,10 +37,18 @@ class _Tensor:
   def __init__(self, path, name, shape, dtype, offset):
     self.path, self.name, self.shape, self.dtype, self.offset = path, name, shape, dtype, offset
 
-  def read(self):
-    if not np.prod(self.shape):
-      return np.zeros(self.shape, self.dtype)
-    return np.memmap(self.path, self.dtype, "r", self.offset, self.shape)
+  def read(self, start=None, stop=None):
+    """Rows [start:stop] (all when None), read into a new array (not mapped: see npz.py)."""
+    rows = self.shape[0] if self.shape else 1
+    start, stop = start or 0, rows if stop is None else stop
+    row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+    out = aligned_empty(((stop - start,) + self.shape[1:]) if self.shape else (), self.dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    with open(self.path, "rb") as f:
+      f.seek(self.offset + start * row_bytes)
+      if view.nbytes and f.readinto(view) != view.nbytes:
+        raise CheckpointError(f"{self.path}: tensor {self.name!r} is cut short; download again")
+    return out
 
 
 def _read_header(path):
@@ -160,9 +168,16 @@ def describe(directory):
     layers = [[tensors[n] for n in layer]
               for layer in names.hf_layer_names(e, names.depth_of(file_config, e.ours))]
 
-    def read(e=e, layers=layers):
-      per_layer = [e.to_ours([t.read() for t in ts]) for ts in layers]
-      return np.stack(per_layer) if e.layered else per_layer[0]
+    def read(start=None, stop=None, e=e, layers=layers):
+      if e.layered:  # Filled layer by layer: one layer of temporaries at a time.
+        chosen = layers[start:stop]
+        out = aligned_empty((len(chosen),) + tuple(ours[e.ours][1:]), chosen[0][0].dtype)
+        for i, ts in enumerate(chosen):
+          out[i] = e.to_ours([t.read() for t in ts])
+        return out
+      if e.ours == "llm/embedder/input_embedding":  # Identity mapping: read just the rows.
+        return layers[0][0].read(start, stop)
+      return np.ascontiguousarray(e.to_ours([t.read() for t in layers[0]]))[start:stop]
 
     first = layers[0][0]
     span = f"{first.name!r}" + (f" .. (x{len(layers)} layers)" if e.layered else "")

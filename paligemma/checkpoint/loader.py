@@ -12,7 +12,7 @@ from paligemma.checkpoint import kaggle
 from paligemma.checkpoint import npz
 from paligemma.checkpoint import shapes as shapes_lib
 from paligemma.checkpoint import tree
-from paligemma.checkpoint.source import CheckpointError
+from paligemma.checkpoint.source import CheckpointError, aligned_empty
 from paligemma.models import variants
 
 _EMBEDDING, _POSEMB = "llm/embedder/input_embedding", "img/pos_embedding"
@@ -88,12 +88,28 @@ def _check(src, expected):
                           f"another variant?): {', '.join(extra)}")
 
 
-def _placer(sharding):
-  if sharding is None:
-    return lambda path, x: jax.device_put(x)
-  if isinstance(sharding, jax.sharding.Sharding):
-    return lambda path, x: jax.device_put(x, sharding)
-  return lambda path, x: jax.device_put(x, sharding(path, x.shape))
+def _sharding_for(sharding, path, shape):
+  if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+    return sharding
+  return sharding(path, shape)
+
+
+def _to_device(arr, dtype, sharding):
+  """Host array -> jax.Array without holding the leaf twice where jax allows.
+
+  jax.device_put copies; with no sharding asked, jax adopts an aligned host buffer as is
+  through dlpack (numpy's dlpack has no bfloat16: those leaves are copied).
+  """
+  if arr.dtype != dtype:
+    out = aligned_empty(arr.shape, dtype)
+    np.copyto(out, arr, casting="unsafe")
+    arr = out
+  if sharding is None and arr.dtype != jnp.bfloat16 and arr.size:
+    try:
+      return jax.dlpack.from_dlpack(np.ascontiguousarray(arr), copy=False)
+    except (ValueError, BufferError, RuntimeError):
+      pass  # Unaligned or unsupported: fall back to a copy.
+  return jax.device_put(arr, sharding)
 
 
 def load(source, *, config=None, dtype=None, sharding=None, stacked=True, progress=False):
@@ -110,7 +126,6 @@ def load(source, *, config=None, dtype=None, sharding=None, stacked=True, progre
   model_config = merge_config(src.config, config)
   expected = shapes_lib.param_shapes(model_config)
   _check(src, expected)
-  place = _placer(sharding)
   cast = None if dtype is None else np.dtype(jnp.dtype(dtype))
   names = list(expected)
   if progress:
@@ -119,19 +134,26 @@ def load(source, *, config=None, dtype=None, sharding=None, stacked=True, progre
                  unit="leaf")
   flat = {}
   for name in names:
-    arr = src.leaves[name].read()
-    if name == _EMBEDDING:
-      arr = adapt.resize_vocab(arr, expected[name][0])
+    leaf, shape = src.leaves[name], expected[name]
+    read = leaf.read
+    if name == _EMBEDDING and shape[0] > leaf.shape[0]:
+      full = adapt.resize_vocab(leaf.read(), shape[0])  # Extension: needs all rows (rare).
+      read = lambda start, stop, full=full: full[start:stop]
     elif name == _POSEMB:
-      arr = adapt.resize_posemb(arr, expected[name][1])
-    # Copy out of the memory map (the cast copies anyway) so the file can be unmapped.
-    arr = arr.astype(cast) if cast is not None else np.array(arr)
+      small = adapt.resize_posemb(leaf.read(), shape[1])
+      read = lambda start, stop, small=small: small[start:stop]
+    # (A trimmed vocabulary just reads fewer rows.)
+    out_dtype = cast if cast is not None else np.dtype(leaf.dtype)
     split = None if stacked else tree.stacked_group(name)
     if split is None:
-      flat[name] = place(tuple(name.split("/")), arr)
+      path = tuple(name.split("/"))
+      arr = read(0, shape[0]) if shape else read(None, None)
+      flat[name] = _to_device(arr, out_dtype, _sharding_for(sharding, path, shape))
     else:
-      for i in range(arr.shape[0]):
+      for i in range(shape[0]):
         layer = tree.per_layer_name(split[0], i, split[1])
-        flat[layer] = place(tuple(layer.split("/")), np.ascontiguousarray(arr[i]))
-    del arr
+        path = tuple(layer.split("/"))
+        flat[layer] = _to_device(np.ascontiguousarray(read(i, i + 1)[0]), out_dtype,
+                                 _sharding_for(sharding, path, shape[1:]))
+    arr = None
   return tree.unflatten(flat), model_config

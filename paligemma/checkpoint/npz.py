@@ -16,7 +16,7 @@ import numpy as np
 
 from paligemma.checkpoint import shapes as shapes_lib
 from paligemma.checkpoint import tree
-from paligemma.checkpoint.source import CheckpointError, Leaf, Source
+from paligemma.checkpoint.source import CheckpointError, Leaf, Source, aligned_empty
 
 # transformers' vocabulary (257_152 + image token + padding to 64): not ours.
 _HF_ROWS, _OUR_ROWS = 257_216, 257_152
@@ -47,20 +47,34 @@ class _Member:
     if info.compress_type == zipfile.ZIP_STORED:
       self.offset = _data_offset(path, info) + header_len
 
-  def read(self):
-    order = "F" if self.fortran else "C"
-    if self.offset is not None:
-      size = int(np.prod(self.shape)) * self.raw_dtype.itemsize
-      if self.offset + size > os.path.getsize(self.path):
-        raise CheckpointError(f"{self.path}: key {self.info.filename!r} is cut short "
-                              "(truncated file?); download it again")
-      if not size:
-        return np.zeros(self.shape, self.dtype)
-      arr = np.memmap(self.path, self.raw_dtype, "r", self.offset, self.shape, order)
-    else:  # Compressed (np.savez_compressed): must be inflated into memory.
-      with zipfile.ZipFile(self.path) as zf, zf.open(self.info) as f:
-        arr = np.lib.format.read_array(f, allow_pickle=False)
+  def read(self, start=None, stop=None):
+    """Rows [start:stop] along axis 0 (all when None), read straight into a new array."""
+    rows = self.shape[0] if self.shape else 1
+    start, stop = start or 0, rows if stop is None else stop
+    if self.offset is None or self.fortran or not self.shape:
+      if self.offset is None:  # Compressed (np.savez_compressed): inflate the whole member.
+        with zipfile.ZipFile(self.path) as zf, zf.open(self.info) as f:
+          arr = np.lib.format.read_array(f, allow_pickle=False)
+      else:
+        arr = self._read_bytes(0, self.shape, "F" if self.fortran else "C")
+      arr = arr.view(self.dtype) if self.dtype != self.raw_dtype else arr
+      return arr if not self.shape else arr[start:stop]
+    row_bytes = int(np.prod(self.shape[1:])) * self.raw_dtype.itemsize
+    arr = self._read_bytes(start * row_bytes, (stop - start,) + tuple(self.shape[1:]), "C")
     return arr.view(self.dtype) if self.dtype != self.raw_dtype else arr
+
+  def _read_bytes(self, skip, shape, order):
+    # Plain reads, not a memory map: mapped file pages would count as resident memory.
+    out = aligned_empty(shape, self.raw_dtype)
+    out = out if order == "C" else out.reshape(shape[::-1]).T
+    view = memoryview(out.reshape(-1, order=order).view(np.uint8))
+    with open(self.path, "rb") as f:
+      f.seek(self.offset + skip)
+      got = f.readinto(view) if view.nbytes else 0
+    if got != view.nbytes:
+      raise CheckpointError(f"{self.path}: key {self.info.filename!r} is cut short "
+                            "(truncated file?); download it again")
+    return out
 
 
 def _data_offset(path, info):
@@ -107,6 +121,17 @@ def _truncation_error(path, err):
                          "download it again or check the path")
 
 
+def _stack(readers):
+  """Stacks layers read one at a time into one (aligned) array."""
+  first = readers[0]()
+  out = aligned_empty((len(readers),) + first.shape, first.dtype)
+  out[0] = first
+  del first
+  for i, read in enumerate(readers[1:], 1):
+    out[i] = read()
+  return out
+
+
 def _our_name(key):
   name = key[:-4] if key.endswith(".npy") else key
   return name[len("params/"):] if name.startswith("params/") else name
@@ -137,7 +162,8 @@ def describe(path):
       raise CheckpointError(f"{path}: layers of {name!r} differ in shape or dtype: "
                             + ", ".join(f"{m.info.filename} {m.shape}" for m in ms))
     leaves[name] = Leaf((len(ms),) + tuple(ms[0].shape), ms[0].dtype,
-                        lambda ms=ms: np.stack([m.read() for m in ms]),
+                        lambda start=None, stop=None, ms=ms: _stack(
+                            [m.read for m in ms[start:stop]]),
                         f"{path}: keys {ms[0].info.filename!r}..{ms[-1].info.filename!r}")
   try:
     config = shapes_lib.infer_config({n: l.shape for n, l in leaves.items()}, path)

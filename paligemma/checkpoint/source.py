@@ -8,6 +8,8 @@ of the loaded parameters plus one leaf.
 import dataclasses
 from typing import Callable
 
+import numpy as np
+
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be loaded as asked; the message names the file and key."""
@@ -17,7 +19,8 @@ class CheckpointError(ValueError):
 class Leaf:
   """One of our (stacked) parameters in a file: shape, dtype, and how to read it.
 
-  `read() -> np.ndarray` of `shape` (possibly a memory map: copy before keeping).
+  `read(start=None, stop=None) -> np.ndarray`: rows [start:stop] along axis 0 (the
+  layer axis of stacked leaves), all rows when None; a fresh array the caller owns.
   `origin` names the file and its key(s), for error messages.
   """
   shape: tuple
@@ -33,3 +36,12 @@ class Source:
   kind: str  # "npz" | "hf"
   leaves: dict
   config: dict
+
+
+def aligned_empty(shape, dtype):
+  """np.empty whose data is 64-byte aligned, so jax can adopt it without a copy (dlpack)."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape)) * dtype.itemsize
+  raw = np.empty(nbytes + 64, np.uint8)
+  skip = -raw.ctypes.data % 64
+  return raw[skip:skip + nbytes].view(dtype).reshape(shape)

@@ -1,0 +1,85 @@
+r"""Peak resident memory while loading a float32 .npz, against the file's size.
+
+  python benchmarks/checkpoint_memory.py [--gb 1.2] [--dir /tmp]
+
+Writes a random float32 checkpoint of a medium config (one leaf at a time, so writing
+it costs little memory), then loads it with `paligemma.checkpoint.load` in a fresh
+process and reports that process's peak RSS (ru_maxrss) next to its RSS after importing
+jax alone; the file is deleted afterwards. Goal: peak < 1.3x the file size.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+import numpy as np
+
+# VmHWM (this process's own peak RSS; ru_maxrss would carry the parent's over exec).
+_CHILD = r"""
+import sys, time
+import jax, numpy as np
+from paligemma import checkpoint
+def status(key):
+  for line in open("/proc/self/status"):
+    if line.startswith(key):
+      return int(line.split()[1]) * 1024
+jax.devices()
+base = status("VmRSS:")
+t = time.time()
+params, cfg = checkpoint.load(sys.argv[1], dtype=sys.argv[2] if len(sys.argv) > 2 else None)
+jax.block_until_ready(params)
+print(base, status("VmHWM:"), time.time() - t)
+"""
+
+
+def medium_config(gb):
+  """A gemma_2b-shaped decoder (width 2048) with as many layers as make ~gb GB."""
+  from paligemma.checkpoint import param_shapes  # pylint: disable=g-import-not-at-top
+  cfg = {"img": {"variant": "B/16", "image_size": 224},
+         "llm": {"variant": "gemma_2b", "depth": 1, "vocab_size": 32_000}}
+  per_layer = sum(int(np.prod(s[1:])) for n, s in param_shapes(cfg).items()
+                  if n.startswith("llm/layers/")) * 4
+  fixed = sum(int(np.prod(s)) for s in param_shapes(cfg).values()) * 4 - per_layer
+  cfg["llm"]["depth"] = max(1, int(np.ceil((gb * 1e9 - fixed) / per_layer)))
+  return cfg
+
+
+def write_random(cfg, path):
+  from paligemma.checkpoint import param_shapes  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    for name, shape in param_shapes(cfg).items():
+      arr = rng.standard_normal(shape, np.float32)
+      with zf.open(f"params/{name}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, arr, allow_pickle=False)
+      del arr
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--gb", type=float, default=1.2, help="checkpoint size in GB")
+  parser.add_argument("--dir", default=tempfile.gettempdir())
+  args = parser.parse_args()
+  cfg = medium_config(args.gb)
+  path = os.path.join(args.dir, "checkpoint_memory_bench.npz")
+  try:
+    write_random(cfg, path)
+    size = os.path.getsize(path)
+    out = subprocess.run([sys.executable, "-c", _CHILD, path], check=True,
+                         capture_output=True, text=True).stdout.split()
+    base, peak, took = int(out[0]), int(out[1]), float(out[2])
+  finally:
+    if os.path.exists(path):
+      os.remove(path)
+  gib = 2**30
+  print(f"file {size / gib:.3f} GiB (llm depth {cfg['llm']['depth']}), load {took:.1f}s; "
+        f"peak RSS {peak / gib:.3f} GiB = {peak / size:.2f}x file; before loading (jax imported) "
+        f"{base / gib:.3f} GiB; loading added {(peak - base) / gib:.3f} GiB = "
+        f"{(peak - base) / size:.2f}x file")
+
+
+if __name__ == "__main__":
+  main()
