@@ -11,7 +11,6 @@ Axis letters: W model width, H heads, K kv heads, D head dim, F mlp dim, p patch
 
 import dataclasses
 import math
-import re
 
 from paligemma.models import variants
 
@@ -311,13 +310,3 @@ def to_hf_config(model_config, dtype="float32"):
       projection_dim=llm["width"], hidden_size=llm["width"], vocab_size=rows,
       tie_word_embeddings=True, dtype=dtype, torch_dtype=dtype,
       bos_token_id=2, eos_token_id=1, pad_token_id=0)
-
-
-_HF_LAYER = re.compile(r"\.(\d+)\.")
-
-
-def hf_depth(names, prefix):
-  """Number of layers under `prefix` among canonical transformers names."""
-  ids = {int(m.group(1)) for n in names if n.startswith(prefix)
-         for m in [_HF_LAYER.search(n[len(prefix) - 1:])] if m}
-  return max(ids) + 1 if ids else 0
