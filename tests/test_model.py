@@ -1,0 +1,133 @@
+"""Model structure: parameter counts of the real configs, dtypes, stacking, remat, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from paligemma.checkpoint import tree
+from paligemma.models.paligemma import Model
+
+TINY = dict(img=dict(variant="mu/4", image_size=16),
+            llm=dict(variant="gemma2_tiny", vocab_size=512, sliding_window=8))
+
+
+def _inputs(batch=2, text_len=6, image_size=16):
+  rng = np.random.default_rng(0)
+  image = rng.uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32)
+  text = rng.integers(4, 512, (batch, text_len)).astype(np.int32)
+  mask_ar = np.array([[0] * 3 + [1] * (text_len - 3)] * batch, np.int32)
+  return image, text, mask_ar
+
+
+def _abstract_params(model, image_size, text_len=4):
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                        jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32),
+                        jax.ShapeDtypeStruct((1, text_len), jnp.int32),
+                        jax.ShapeDtypeStruct((1, text_len), jnp.int32))["params"]
+
+
+# Counts from the issue (big_vision's own model reports these for the released configs).
+@pytest.mark.parametrize("llm,res,expected", [
+    ("gemma_2b", 224, 2_923_335_408),
+    ("gemma_2b", 448, 2_924_220_144),
+    ("gemma_2b", 896, 2_927_759_088),
+    ("gemma2_2b", 224, 3_032_094_960),
+    ("gemma2_9b", 224, 9_662_409_456),
+    ("gemma2_27b", 224, 27_650_192_112),
+])
+def test_parameter_counts_of_released_configs(llm, res, expected):
+  model = Model(img=dict(variant="So400m/14", image_size=res), llm=dict(variant=llm))
+  shapes = _abstract_params(model, res)
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected
+
+
+def test_parameter_names_and_shapes_match_reference():
+  shapes = _abstract_params(Model(img=dict(variant="So400m/14"), llm=dict(variant="gemma2_2b")), 224)
+  flat = {k: v.shape for k, v in tree.flatten(shapes).items()}
+  assert flat["img/embedding/kernel"] == (14, 14, 3, 1152)
+  assert flat["img/pos_embedding"] == (1, 256, 1152)
+  assert flat["img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel"] == (27, 1152, 16, 72)
+  assert flat["img/Transformer/encoderblock/MultiHeadDotProductAttention_0/out/kernel"] == (27, 16, 72, 1152)
+  assert flat["img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"] == (27, 1152, 4304)
+  assert flat["img/head/kernel"] == (1152, 2304)
+  assert flat["llm/embedder/input_embedding"] == (257_152, 2304)
+  assert flat["llm/layers/attn/q_einsum/w"] == (26, 8, 2304, 256)
+  assert flat["llm/layers/attn/kv_einsum/w"] == (26, 2, 4, 2304, 256)
+  assert flat["llm/layers/attn/attn_vec_einsum/w"] == (26, 8, 256, 2304)
+  assert flat["llm/layers/mlp/gating_einsum"] == (26, 2, 2304, 9216)
+  assert flat["llm/layers/mlp/linear"] == (26, 9216, 2304)
+  for norm in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"):
+    assert flat[f"llm/layers/{norm}/scale"] == (26, 2304)
+  assert flat["llm/final_norm/scale"] == (2304,)
+  # Gemma 1 has no post norms; heads == kv_heads uses the fused qkv_einsum.
+  g1 = tree.flatten(_abstract_params(Model(img=dict(variant="mu/14"), llm=dict(variant="gemma_2b")), 224))
+  assert not any("post_" in k for k in g1)
+  mha = tree.flatten(_abstract_params(Model(**dict(TINY, llm=dict(variant="gemma_tiny", num_kv_heads=4))), 16))
+  assert mha["llm/layers/attn/qkv_einsum/w"].shape == (2, 3, 4, 64, 16)
+
+
+def test_unstacked_equals_stacked_and_remat_keeps_gradients():
+  image, text, mask_ar = _inputs()
+  stacked = Model(**TINY)
+  params = stacked.init(jax.random.PRNGKey(0), image, text, mask_ar)["params"]
+  ref, _ = stacked.apply({"params": params}, image, text, mask_ar)
+
+  unstacked = Model(**TINY, scan=False)
+  per_layer = tree.unstack_layers(params)
+  assert "layers_3" in per_layer["llm"] and "encoderblock_0" in per_layer["img"]["Transformer"]
+  out, _ = unstacked.apply({"params": per_layer}, image, text, mask_ar)
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+
+  def loss(p, model):
+    return jnp.mean(model.apply({"params": p}, image, text, mask_ar)[0] ** 2)
+  g_ref = jax.grad(loss)(params, stacked)
+  g_remat = jax.grad(loss)(params, Model(**TINY, remat_policy="nothing_saveable"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g_ref, g_remat)
+
+
+@pytest.mark.parametrize("param_dtype,dtype", [("bfloat16", "bfloat16"), ("float32", "bfloat16"),
+                                               ("float16", "float16")])
+def test_param_and_compute_dtypes_are_separate(param_dtype, dtype):
+  image, text, mask_ar = _inputs()
+  model = Model(**TINY, param_dtype=param_dtype, dtype=dtype)
+  params = model.init(jax.random.PRNGKey(0), image, text, mask_ar)["params"]
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(param_dtype)}
+  logits, _ = model.apply({"params": params}, image, text, mask_ar)
+  assert logits.dtype == jnp.float32 and logits.shape == (2, 6, 512)
+  ref, _ = Model(**TINY).apply({"params": jax.tree.map(lambda x: x.astype(jnp.float32), params)},
+                               image, text, mask_ar)
+  assert np.all(np.isfinite(logits))
+  # Same function, lower precision: close to the float32 computation, not equal.
+  assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 0.15 * np.abs(ref).max()
+
+
+def test_final_logit_softcap_is_a_switch():
+  image, text, mask_ar = _inputs()
+  model = Model(**TINY)
+  params = model.init(jax.random.PRNGKey(0), image, text, mask_ar)["params"]
+  params["llm"]["embedder"]["input_embedding"] *= 40  # Push logits past the cap of 30.
+  capped, _ = model.apply({"params": params}, image, text, mask_ar)
+  off = Model(img=TINY["img"], llm=dict(TINY["llm"], final_logits_softcap=None))
+  raw, _ = off.apply({"params": params}, image, text, mask_ar)
+  assert np.abs(capped).max() <= 30 and np.abs(raw).max() > 30
+  np.testing.assert_allclose(capped, 30 * np.tanh(np.asarray(raw) / 30), atol=1e-3)
+
+
+def test_errors_name_the_problem():
+  image, text, mask_ar = _inputs()
+  with pytest.raises(ValueError, match=r"Unknown llm variant 'gemma3_4b'.*gemma2_2b"):
+    Model(img=TINY["img"], llm=dict(variant="gemma3_4b")).init(jax.random.PRNGKey(0), image, text, mask_ar)
+  with pytest.raises(ValueError, match=r"Unknown img variant 'So500m/14'.*So400m/14"):
+    Model(img=dict(variant="So500m/14"), llm=TINY["llm"]).init(jax.random.PRNGKey(0), image, text, mask_ar)
+  with pytest.raises(ValueError, match=r"Unknown llm config key\(s\) \['widht'\]"):
+    Model(img=TINY["img"], llm=dict(variant="gemma_tiny", widht=3)).init(
+        jax.random.PRNGKey(0), image, text, mask_ar)
+  with pytest.raises(ValueError, match=r"image_size=18 is not a multiple of the patch size 4"):
+    Model(img=dict(variant="mu/4", image_size=18), llm=TINY["llm"]).init(
+        jax.random.PRNGKey(0), np.zeros((1, 18, 18, 3), np.float32), text, mask_ar)
+  with pytest.raises(ValueError, match=r"does not match the model's \(16, 16, 3\)"):
+    Model(**TINY).init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32), text, mask_ar)
+  short = Model(img=TINY["img"], llm=dict(TINY["llm"], max_len=20))
+  with pytest.raises(ValueError, match=r"16 image \+ 6 text tokens exceeds the model's limit of 20"):
+    short.init(jax.random.PRNGKey(0), image, text, mask_ar)
