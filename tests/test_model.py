@@ -20,6 +20,17 @@ def _inputs(batch=2, text_len=6, image_size=16):
   return image, text, mask_ar
 
 
+def _init(model, image, text, mask_ar, seed=0):
+  """Random params from the abstract shapes (numpy: compiling flax's init is slow on CPU)."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), image, text, mask_ar)["params"]
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype), shapes)
+
+
+def _apply(model, params, *args):
+  return jax.jit(model.apply)({"params": params}, *args)
+
+
 def _abstract_params(model, image_size, text_len=4):
   return jax.eval_shape(model.init, jax.random.PRNGKey(0),
                         jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32),
@@ -70,19 +81,20 @@ def test_parameter_names_and_shapes_match_reference():
 def test_unstacked_equals_stacked_and_remat_keeps_gradients():
   image, text, mask_ar = _inputs()
   stacked = Model(**TINY)
-  params = stacked.init(jax.random.PRNGKey(0), image, text, mask_ar)["params"]
-  ref, _ = stacked.apply({"params": params}, image, text, mask_ar)
+  params = _init(stacked, image, text, mask_ar)
+  ref, _ = _apply(stacked, params, image, text, mask_ar)
 
   unstacked = Model(**TINY, scan=False)
   per_layer = tree.unstack_layers(params)
   assert "layers_3" in per_layer["llm"] and "encoderblock_0" in per_layer["img"]["Transformer"]
-  out, _ = unstacked.apply({"params": per_layer}, image, text, mask_ar)
+  out, _ = _apply(unstacked, per_layer, image, text, mask_ar)
   np.testing.assert_allclose(out, ref, atol=1e-5)
 
   def loss(p, model):
     return jnp.mean(model.apply({"params": p}, image, text, mask_ar)[0] ** 2)
-  g_ref = jax.grad(loss)(params, stacked)
-  g_remat = jax.grad(loss)(params, Model(**TINY, remat_policy="nothing_saveable"))
+  g_ref = jax.jit(jax.grad(lambda p: loss(p, stacked)))(params)
+  remat = Model(**TINY, remat_policy="nothing_saveable")
+  g_remat = jax.jit(jax.grad(lambda p: loss(p, remat)))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g_ref, g_remat)
 
 
@@ -91,12 +103,12 @@ def test_unstacked_equals_stacked_and_remat_keeps_gradients():
 def test_param_and_compute_dtypes_are_separate(param_dtype, dtype):
   image, text, mask_ar = _inputs()
   model = Model(**TINY, param_dtype=param_dtype, dtype=dtype)
-  params = model.init(jax.random.PRNGKey(0), image, text, mask_ar)["params"]
+  params = _init(model, image, text, mask_ar)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(param_dtype)}
-  logits, _ = model.apply({"params": params}, image, text, mask_ar)
+  logits, _ = _apply(model, params, image, text, mask_ar)
   assert logits.dtype == jnp.float32 and logits.shape == (2, 6, 512)
-  ref, _ = Model(**TINY).apply({"params": jax.tree.map(lambda x: x.astype(jnp.float32), params)},
-                               image, text, mask_ar)
+  ref, _ = _apply(Model(**TINY), jax.tree.map(lambda x: x.astype(jnp.float32), params),
+                  image, text, mask_ar)
   assert np.all(np.isfinite(logits))
   # Same function, lower precision: close to the float32 computation, not equal.
   assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 0.15 * np.abs(ref).max()
@@ -105,11 +117,11 @@ def test_param_and_compute_dtypes_are_separate(param_dtype, dtype):
 def test_final_logit_softcap_is_a_switch():
   image, text, mask_ar = _inputs()
   model = Model(**TINY)
-  params = model.init(jax.random.PRNGKey(0), image, text, mask_ar)["params"]
+  params = _init(model, image, text, mask_ar)
   params["llm"]["embedder"]["input_embedding"] *= 40  # Push logits past the cap of 30.
-  capped, _ = model.apply({"params": params}, image, text, mask_ar)
+  capped, _ = _apply(model, params, image, text, mask_ar)
   off = Model(img=TINY["img"], llm=dict(TINY["llm"], final_logits_softcap=None))
-  raw, _ = off.apply({"params": params}, image, text, mask_ar)
+  raw, _ = _apply(off, params, image, text, mask_ar)
   assert np.abs(capped).max() <= 30 and np.abs(raw).max() > 30
   np.testing.assert_allclose(capped, 30 * np.tanh(np.asarray(raw) / 30), atol=1e-3)
 
