@@ -1,0 +1,121 @@
+"""Training speed, ours (Flax) next to transformers (PyTorch): forward + backward + Adam.
+
+  python benchmarks/train_step.py --preset cpu-small [--out results.jsonl]
+
+Prints examples/s for each side, the ratio ours/theirs, and each side's achieved FLOP/s
+as a fraction of the machine's measured matmul peak (the FLOP count of one step comes
+from XLA's cost analysis of our compiled step and is used for both sides).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=wrong-import-position
+
+
+def _batch(preset, num_image_tokens, vocab):
+  """Random training batch: half prefix, half suffix, in big_vision's layout."""
+  rng = np.random.default_rng(0)
+  b, t, res = preset["batch"], preset["text_len"], preset["model"]["img"]["image_size"]
+  text = rng.integers(4, vocab, (b, t + 1)).astype(np.int32)
+  mask_ar = np.zeros_like(text)
+  mask_ar[:, t // 2:] = 1
+  image = rng.uniform(-1, 1, (b, res, res, 3)).astype(np.float32)
+  return dict(image=image, text=text, mask_ar=mask_ar, mask_loss=mask_ar.copy())
+
+
+def ours(preset):
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from paligemma.models.paligemma import Model
+  from paligemma.trainer import step as step_lib
+
+  model = Model(**preset["model"], dtype=preset["dtype"])
+  batch = _batch(preset, model.num_image_tokens, preset["model"]["llm"]["vocab_size"])
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch["image"][:1],
+                          batch["text"][:1, :-1], batch["mask_ar"][:1, :-1])["params"]
+  key = iter(jax.random.split(jax.random.PRNGKey(0), 10_000))
+  params = jax.tree.map(lambda s: 0.02 * jax.random.normal(next(key), s.shape, s.dtype), shapes)
+  from paligemma.checkpoint import tree
+  trainable = tree.flatten(params)
+  tx = optax.adam(1e-5, b2=0.999)
+  opt_state = tx.init(trainable)
+  step = jax.jit(step_lib.make_train_step(model, tx, lambda s: 1e-5), donate_argnums=(0, 2))
+  args = (trainable, {}, opt_state, batch, 0)
+  flops = step.lower(*args).compile().cost_analysis()
+  flops = (flops[0] if isinstance(flops, list) else flops).get("flops", 0.0)
+  state = {"t": trainable, "o": opt_state}
+
+  def one():
+    state["t"], state["o"], m = step(state["t"], {}, state["o"], batch, 0)
+    return m["loss"]
+  sec = common.timed(one, preset["steps"], jax.block_until_ready)
+  peak = common.matmul_peak_flops("jax", "float32" if preset["dtype"] == "float32" else preset["dtype"])
+  return dict(device=str(jax.devices()[0].device_kind), examples_per_s=preset["batch"] / sec,
+              step_ms=1e3 * sec, flops_per_step=float(flops),
+              achieved_flops_per_s=flops / sec, peak_matmul_flops_per_s=peak,
+              fraction_of_peak=flops / sec / peak)
+
+
+def theirs(preset):
+  import torch
+  import transformers
+  from paligemma.checkpoint import names
+  from paligemma.models.paligemma import Model
+
+  torch.manual_seed(0)
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  dtype = getattr(torch, preset["dtype"])
+  hf_config = transformers.PaliGemmaConfig(**names.to_hf_config(preset["model"], preset["dtype"]))
+  model = transformers.PaliGemmaForConditionalGeneration(hf_config).to(dev, dtype).train()
+  n = Model(**preset["model"]).num_image_tokens
+  batch = _batch(preset, n, preset["model"]["llm"]["vocab_size"])
+  b = preset["batch"]
+  ids = np.concatenate([np.full((b, n), hf_config.image_token_index), batch["text"][:, :-1]], 1)
+  token_type = np.concatenate([np.zeros((b, n)), batch["mask_ar"][:, :-1]], 1)
+  labels = np.where(token_type == 1, ids, -100)
+  inputs = dict(input_ids=torch.tensor(ids, device=dev),
+                pixel_values=torch.tensor(batch["image"].transpose(0, 3, 1, 2), device=dev, dtype=dtype),
+                token_type_ids=torch.tensor(token_type, device=dev).long(),
+                labels=torch.tensor(labels, device=dev))
+  opt = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.999))
+
+  def one():
+    loss = model(**inputs).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+  sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
+  sec = common.timed(one, preset["steps"], sync)
+  peak = common.matmul_peak_flops("torch", preset["dtype"])
+  return dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+              examples_per_s=b / sec, step_ms=1e3 * sec, peak_matmul_flops_per_s=peak)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", default="cpu-small", choices=sorted(common.PRESETS))
+  parser.add_argument("--side", choices=("ours", "theirs"))
+  parser.add_argument("--out", help="append the results as one JSON line to this file")
+  args = parser.parse_args()
+  preset = common.PRESETS[args.preset]
+  if args.side:
+    result = ours(preset) if args.side == "ours" else theirs(preset)
+    print(json.dumps(result))
+    return
+  results, _ = common.run_sides(os.path.abspath(__file__), args.preset, args.out)
+  flops = results["ours"]["flops_per_step"]
+  theirs_sec = results["theirs"]["step_ms"] / 1e3
+  print(f"  peak: theirs reach {flops / theirs_sec / results['theirs']['peak_matmul_flops_per_s']:.1%}"
+        f" of their matmul peak, ours {results['ours']['fraction_of_peak']:.1%}")
+
+
+if __name__ == "__main__":
+  main()
