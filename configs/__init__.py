@@ -1,0 +1,1 @@
+"""Pieces shared by the transfer configs in transfers/ (plain Python, ml_collections)."""

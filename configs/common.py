@@ -1,0 +1,100 @@
+"""The base config every transfer starts from: every key the trainer reads, with defaults.
+
+A transfer config (transfers/*.py) calls `base_config()` and sets what its recipe
+needs. The trainer rejects keys that are not here, naming them, so a typo in a config
+file or on the command line (`--config.optim.lrr=...`) fails before any work.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config():
+  """ConfigDict with every trainer key (see paligemma/train.py for what each does)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                       # Model init and RNG key; data order has input.seed.
+  c.tokenizer = config_dict.placeholder(str)  # .model path; None: the repo's tiny one.
+
+  # Model: towers as in paligemma/models/variants.py; compute `dtype`, master weights
+  # `param_dtype`. model_init: a checkpoint (.npz, HF dir or kaggle: handle), else random.
+  c.model = ml_collections.ConfigDict(dict(
+      img=dict(variant="So400m/14", image_size=224),
+      llm=dict(variant="gemma2_2b"),
+      dtype="float32", param_dtype="float32", scan=True, remat_policy="none"))
+  c.model_init = config_dict.placeholder(str)
+
+  c.input = ml_collections.ConfigDict(dict(
+      data=dict(name="jsonl", path=""),
+      image_size=224, text_len=64,
+      batch_size=32,               # Global, over all processes and micro-batches.
+      seed=0, on_bad_image="skip"))
+  c.total_epochs = 1.0
+  c.total_steps = config_dict.placeholder(int)  # Set: overrides total_epochs.
+
+  # Optimizer (paligemma/optim.py). schedule: the lr multiplier of trained groups.
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adam", kwargs=dict(b2=0.999), lr=1e-5,
+      wd=0.0, wd_mask=config_dict.placeholder(str),
+      grad_clip_norm=1.0, accum_steps=1,
+      schedule=dict(decay="cosine", warmup_percent=0.05)))
+  # Which params train: "full" | "freeze_vision" | "attention_only" | [(regex, sched|None)].
+  c.schedule = "full"
+  c.frozen_dtype = config_dict.placeholder(str)  # e.g. "bfloat16": frozen params stored so.
+  c.label_smoothing = 0.0
+
+  # Devices (paligemma/sharding.py).
+  c.mesh = [("data", -1)]
+  c.sharding_rules = [(".*", "fsdp")]
+  c.batch_axes = ["data"]
+  c.distributed = "auto"           # jax.distributed.initialize(): "auto" | True | False.
+
+  c.log_every = 10
+  c.ckpt_every = 1000
+  c.ckpt_keep = 2
+  c.progress = True                # tqdm bar.
+  c.evals = ml_collections.ConfigDict()  # name -> evaluator config (paligemma/evaluators).
+  c.export_dtype = config_dict.placeholder(str)  # params.npz dtype; None: as trained.
+  return c
+
+
+def parse_arg(arg, **defaults):
+  """"key=value,key2=value2" -> ConfigDict of `defaults` updated; values typed as defaults.
+
+  A key not in `defaults` raises, naming it and the valid keys.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r}; valid: {sorted(defaults)}.")
+    default = defaults[key]
+    if not eq:
+      value = "True"
+    if isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif default is None:
+      out[key] = value
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def perplexity_eval(data, *, every, batch_size, **kwargs):
+  """Validation perplexity on suffix tokens (the first evaluator every config has)."""
+  return ml_collections.ConfigDict(dict(type="perplexity", data=data, every=every,
+                                        batch_size=batch_size, **kwargs))
+
+
+# Small random-initialised model for the CPU demo and the tests: an 8x8-patch ViT on
+# 32 px images (16 image tokens) and a 2-layer Gemma on the tiny tokenizer's 1920 pieces.
+TINY_MODEL = dict(
+    img=dict(variant="mu/8", width=64, depth=2, mlp_dim=128, num_heads=2, image_size=32),
+    llm=dict(variant="gemma_tiny", vocab_size=1920, final_logits_softcap=None),
+    dtype="float32", param_dtype="float32", scan=True, remat_policy="none")
+
+# The released checkpoints: towers fixed by the file; these fields are the transfer's.
+def pretrained_model(image_size=224, dtype="float32"):
+  """Model config for a released checkpoint loaded through `model_init`."""
+  # big_vision's transfers turn off the final logit soft-cap ("better for transfer").
+  return dict(img=dict(image_size=image_size), llm=dict(final_logits_softcap=0.0),
+              dtype=dtype, param_dtype="float32", scan=True, remat_policy="none")

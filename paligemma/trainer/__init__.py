@@ -1,0 +1,1 @@
+"""Pieces of the training loop (`paligemma.train`): loss, step, checkpoints, metrics."""

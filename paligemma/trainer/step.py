@@ -1,0 +1,60 @@
+"""The jitted train step: loss, gradients of the trainable parameters only, one update.
+
+Batch (global arrays, leading axis sharded over the batch axes):
+  image float32[B, H, W, 3], text / mask_ar / mask_loss int32[B, T + 1].
+The model reads text[:, :-1] and predicts text[:, 1:]; mask_loss[:, 1:] marks the
+targets that count (prompt.py puts 1 on exactly the suffix tokens and eos).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from paligemma import optim
+from paligemma.trainer import loss as loss_lib
+
+
+def _micro_batches(batch, accum_steps):
+  """{k: [A, B / A, ...]}: micro-batch i takes rows i, i + A, ... so every device keeps
+  an equal share of each micro-batch (a contiguous split would leave devices idle)."""
+  def split(x):
+    b = x.shape[0]
+    if b % accum_steps:
+      raise ValueError(f"config.input.batch_size {b} is not divisible by "
+                       f"config.optim.accum_steps {accum_steps}.")
+    return jnp.swapaxes(x.reshape(b // accum_steps, accum_steps, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(model, tx, lr_fn, *, label_smoothing=0.0, accum_steps=1):
+  """step(trainable, frozen, opt_state, batch, step) -> (trainable, opt_state, metrics).
+
+  trainable / frozen: flat {name: array} (optim.partition); metrics: loss, lr, grad_norm.
+  """
+
+  def loss_fn(trainable, frozen, batch):
+    params = optim.merge(trainable, frozen)
+    text, mask_ar = batch["text"], batch["mask_ar"]
+    logits, _ = model.apply({"params": params}, batch["image"], text[:, :-1], mask_ar[:, :-1],
+                            train=True)
+    return loss_lib.suffix_loss(logits, text[:, 1:], batch["mask_loss"][:, 1:], label_smoothing)
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def step(trainable, frozen, opt_state, batch, step_count):
+    if accum_steps == 1:
+      loss, grads = grad_fn(trainable, frozen, batch)
+    else:
+      # Equal-sized micro-batches: the mean of their means is the full-batch mean.
+      def body(carry, micro):
+        loss, grads = grad_fn(trainable, frozen, micro)
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+      zero = (jnp.zeros([], jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
+      (loss, grads), _ = jax.lax.scan(body, zero, _micro_batches(batch, accum_steps))
+      loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = {"loss": loss, "lr": lr_fn(step_count), "grad_norm": optax.tree.norm(grads)}
+    return trainable, opt_state, metrics
+
+  return step
