@@ -38,7 +38,8 @@ def base_config():
       grad_clip_norm=1.0, accum_steps=1,
       schedule=dict(decay="cosine", warmup_percent=0.05)))
   # Which params train: "full" | "freeze_vision" | "attention_only" | [(regex, sched|None)].
-  c.schedule = "full"
+  # (Typed `object` so a config may set either a preset name or a list.)
+  c.schedule = config_dict.FieldReference("full", field_type=object)
   c.frozen_dtype = config_dict.placeholder(str)  # e.g. "bfloat16": frozen params stored so.
   c.label_smoothing = 0.0
 
@@ -98,3 +99,10 @@ def pretrained_model(image_size=224, dtype="float32"):
   # big_vision's transfers turn off the final logit soft-cap ("better for transfer").
   return dict(img=dict(image_size=image_size), llm=dict(final_logits_softcap=0.0),
               dtype=dtype, param_dtype="float32", scan=True, remat_policy="none")
+
+
+def caption_evals(val_data, *, every, batch_size, max_decode_len):
+  """Validation perplexity and captioning metrics (CIDEr, BLEU-4, ...) on `val_data`."""
+  return {"val": perplexity_eval(val_data, every=every, batch_size=batch_size),
+          "caption": dict(type="caption", data=val_data, every=every, batch_size=batch_size,
+                          max_decode_len=max_decode_len)}
