@@ -1,0 +1,78 @@
+"""The memory planner's byte counts against hand-computed ones on the shapes config."""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from paligemma import plan as plan_lib
+from paligemma import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from transfers import shapes  # pylint: disable=wrong-import-position
+
+
+def _counts(config):
+  """{name: count} of every parameter, straight from the model (no planner code)."""
+  from paligemma.checkpoint import tree
+  model = train.build_model(config)
+  res, t = config.input.image_size, config.input.text_len
+  p = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.numpy.zeros((1, res, res, 3)),
+                     jax.numpy.zeros((1, t), "int32"), jax.numpy.zeros((1, t), "int32"))
+  return {k: math.prod(v.shape) for k, v in tree.flatten(p["params"]).items()}
+
+
+@pytest.fixture(scope="module")
+def config():
+  return shapes.get_config("evals=False")
+
+
+def test_full_finetune_bytes(config):
+  counts = _counts(config)
+  n = sum(counts.values())
+  p = plan_lib.make_plan(config, "t4")
+  assert p.params_total == p.params_trainable == n
+  assert p.param_bytes == 4 * n and p.gradient_bytes == 4 * n
+  assert 8 * n <= p.optimizer_bytes <= 8 * n + 64  # Adam: mu and nu, plus a step count.
+  assert p.activation_bytes > 0 and p.fits
+
+
+def test_attention_only_and_frozen_dtype(config):
+  counts = _counts(config)
+  attn = sum(v for k, v in counts.items() if k.startswith("llm/layers/attn/"))
+  c = config.copy_and_resolve_references()
+  c.unlock()
+  c.schedule, c.frozen_dtype = "attention_only", "bfloat16"
+  p = plan_lib.make_plan(c, "t4")
+  assert p.params_trainable == attn
+  assert p.param_bytes == 4 * attn + 2 * (sum(counts.values()) - attn)
+  assert p.gradient_bytes == 4 * attn and 8 * attn <= p.optimizer_bytes <= 8 * attn + 64
+
+
+def test_fsdp_divides_params_and_suggests_when_too_big(config):
+  c = config.copy_and_resolve_references()
+  one = plan_lib.make_plan(c, "t4", devices=1)
+  four = plan_lib.make_plan(c, "t4", devices=4)
+  assert four.batch_per_device == one.batch_per_device // 4
+  # fsdp shards each parameter's largest divisible dimension over the 4 devices.
+  assert one.param_bytes / 4 <= four.param_bytes < one.param_bytes / 2
+  tiny = plan_lib.Plan(**{**one.__dict__, "capacity": 1024})
+  assert not tiny.fits
+  assert any("accum_steps" in s for s in plan_lib.suggestions(tiny, c))
+  assert "fits: NO" in plan_lib.report(tiny, c)
+
+
+def test_cli(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "paligemma.plan", "--config",
+                        f"{REPO}/transfers/shapes.py:evals=False", "--device", "h100-80"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "fits: yes" in out.stdout and "trainable" in out.stdout
+  bad = subprocess.run([sys.executable, "-m", "paligemma.plan", "--config",
+                        f"{REPO}/transfers/shapes.py", "--device", "k80"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+  assert bad.returncode != 0 and "t4" in bad.stderr
