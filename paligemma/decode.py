@@ -1,0 +1,313 @@
+"""Batched decoding through the KV cache: greedy, sampling, beam search, best-of-n.
+
+Axis letters: B batch, T prompt tokens, L max_decode_len, V vocabulary, K beams or
+samples per example.
+
+  decoder = Decoder(model, max_decode_len=32, sampler="nucleus(p=0.9)")
+  out = decoder(params, batch, seed=0)            # batch: image, text, mask_ar, mask_input
+  texts = decoder.texts(tokenizer, out)           # cut at eos
+
+One compiled program per input shape: the image + prompt prefill and the token loop
+(a `lax.while_loop`) run inside a single `jax.jit`, which stops as soon as every
+example has emitted eos (or after L tokens). Params are an argument of the compiled
+function, never a constant in it. Nothing leaves the device inside the loop, so inputs
+sharded over a mesh stay sharded (jit propagates the batch sharding).
+
+Prompts are right-padded (`paligemma.prompt.assemble(..., mode="eval")`); every example
+keeps its own RoPE positions and attends only its real tokens, so an example decodes to
+the same tokens whatever else is in the batch.
+
+Samplers (`parse_sampler` reads a spec string as in a config):
+  "greedy"                       argmax
+  "temperature(t=0.7)"           sample softmax(logits / t); t = 0 is greedy
+  "topk(k=40, t=1.0)"            sample among the k most likely tokens
+  "nucleus(p=0.9, t=1.0)"        sample among the smallest set with probability >= p
+  "beam(n=4)"                    beam search, n beams, ranked by total log-probability
+  "best_of_n(n=4, t=1.0, k=0, p=1.0)"  n samples per example, the most likely is kept
+Positional arguments work too: "nucleus(0.9)", "beam(4)".
+
+Outputs (numpy-convertible jax arrays):
+  tokens    int32[B, L]    generated tokens, eos included, pad (0) after it
+  logprobs  float32[B, L]  the model's log-probability of each token (temperature 1,
+                           no filtering), 0 after eos
+  scores    float32[B]     sum of logprobs
+  lengths   int32[B]       number of generated tokens, eos included
+Sampling is reproducible for a given (seed, batch); unlike greedy and beam search, a
+sample depends on the example's row in the batch (each row draws its own key).
+"""
+
+import ast
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from paligemma import tokenizer as tokenizer_lib
+from paligemma.models.paligemma import Model
+
+KINDS = ("greedy", "temperature", "topk", "nucleus", "beam", "best_of_n")
+# Argument names of each kind's spec string, in positional order.
+_ARGS = {"greedy": (), "temperature": ("t",), "topk": ("k", "t"), "nucleus": ("p", "t"),
+         "beam": ("n",), "best_of_n": ("n", "t", "k", "p")}
+_FIELDS = {"t": "temperature", "k": "top_k", "p": "top_p", "n": "n"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """How the next token is chosen; see the module docstring for the spec strings."""
+  kind: str = "greedy"
+  temperature: float = 1.0
+  top_k: int = 0          # 0: no top-k filtering.
+  top_p: float = 1.0      # 1.0: no nucleus filtering.
+  n: int = 1              # Beams (beam) or samples per example (best_of_n).
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"Unknown sampler {self.kind!r}; valid: {', '.join(KINDS)}.")
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.n < 1:
+      raise ValueError(f"Bad sampler settings {self}: need temperature >= 0, top_k >= 0, "
+                       "0 < top_p <= 1, n >= 1.")
+
+
+def parse_sampler(spec):
+  """A `Sampler` from a spec string ("nucleus(p=0.9)"), a dict, a Sampler or None (greedy)."""
+  if spec is None:
+    return Sampler()
+  if isinstance(spec, Sampler):
+    return spec
+  if isinstance(spec, dict) or hasattr(spec, "keys"):
+    return Sampler(**dict(spec))
+  try:
+    node = ast.parse(str(spec).strip(), mode="eval").body
+  except SyntaxError:
+    node = None
+  name = node.id if isinstance(node, ast.Name) else (
+      node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None)
+  if name not in KINDS:
+    forms = ", ".join(f"{k}({', '.join(v)})" for k, v in _ARGS.items())
+    raise ValueError(f"Sampler spec {spec!r} not understood; use one of {forms}.")
+  kwargs = {}
+  if isinstance(node, ast.Call):
+    names = _ARGS[name]
+    if len(node.args) > len(names):
+      raise ValueError(f"Sampler {spec!r}: {name} takes at most {len(names)} arguments {names}.")
+    try:
+      given = [(names[i], ast.literal_eval(a)) for i, a in enumerate(node.args)]
+      given += [(kw.arg, ast.literal_eval(kw.value)) for kw in node.keywords]
+    except ValueError:
+      raise ValueError(f"Sampler {spec!r}: arguments must be numbers.") from None
+    for arg, value in given:
+      if arg not in names:
+        raise ValueError(f"Sampler {spec!r}: {name} has no argument {arg!r}; valid: {names}.")
+      kwargs[_FIELDS[arg]] = value
+  return Sampler(name, **kwargs)
+
+
+def filter_logits(logits, temperature, top_k=0, top_p=1.0):
+  """float32[B, V] logits scaled by 1/temperature, with top-k / nucleus tails at -inf.
+
+  temperature > 0, top_k (0: off) and top_p (1: off) may be traced scalars, so one
+  compiled program serves every setting.
+  """
+  logits = logits / temperature
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  kth = jnp.take(sorted_logits, jnp.maximum(top_k, 1) - 1, axis=1)[:, None]
+  keep = (top_k <= 0) | (logits >= kth)
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  # Keep a token while the mass before it is < p: the smallest set reaching p.
+  before = jnp.cumsum(probs, axis=-1) - probs
+  cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1)
+  keep &= (top_p >= 1) | (logits >= cutoff[:, None])
+  return jnp.where(keep, logits, -jnp.inf)
+
+
+def choose(rng, logits, settings):
+  """int32[B] next tokens from float32[B, V] logits; settings None is greedy, else
+  (temperature, top_k, top_p), where temperature 0 is greedy too."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if settings is None:
+    return greedy
+  t, k, p = settings
+  keys = jax.random.split(rng, logits.shape[0])  # One key per row.
+  filtered = filter_logits(logits, jnp.where(t > 0, t, 1.0), k, p)
+  sampled = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+  return jnp.where(t > 0, sampled, greedy)
+
+
+def _repeat_rows(tree, n, batch_axis_of):
+  """Repeats every example n times (rows b*n .. b*n+n-1 are copies of example b)."""
+  return {k: v if jnp.ndim(v) == 0 else jnp.repeat(v, n, axis=batch_axis_of(k))
+          for k, v in tree.items()}
+
+
+def _cache_axis(key):
+  return 1 if key in ("k", "v") else 0  # k, v: [L, B, S, K, H]; pos, valid, seq_len: [B, ...].
+
+
+def _take_rows(cache, rows):
+  """The cache rows `rows` int32[B'] (beam reordering)."""
+  return {k: v if jnp.ndim(v) == 0 else jnp.take(v, rows, axis=_cache_axis(k))
+          for k, v in cache.items()}
+
+
+class Decoder:
+  """Compiled batched decoding for one model, sampler and max_decode_len."""
+
+  def __init__(self, model, *, max_decode_len, sampler="greedy",
+               eos_id=tokenizer_lib.EOS_ID, pad_id=tokenizer_lib.PAD_ID):
+    if max_decode_len < 1:
+      raise ValueError(f"max_decode_len must be >= 1, got {max_decode_len}.")
+    self.model = model
+    self.max_decode_len = int(max_decode_len)
+    self.sampler = parse_sampler(sampler)
+    self.eos_id = eos_id  # None: never stop early (benchmarks).
+    self.pad_id = pad_id
+    # Only the loop's structure is static; temperature, top-k, top-p and eos are
+    # arguments, so decoders that differ in them share one compiled program.
+    s = self.sampler
+    mode = ("greedy" if s.kind == "greedy" else s.kind if s.kind in ("beam", "best_of_n")
+            else "sample")
+    key = (repr(model), self.max_decode_len, mode, s.n, pad_id)
+    if key not in _PROGRAMS:
+      if len(_PROGRAMS) >= 32:
+        _PROGRAMS.pop(next(iter(_PROGRAMS)))
+      _PROGRAMS[key] = jax.jit(functools.partial(
+          _decode, model, self.max_decode_len, mode, s.n, pad_id))
+    self._jit = _PROGRAMS[key]
+
+  def __call__(self, params, batch, seed=0):
+    """Decodes a batch {image float32[B,H,W,3], text, mask_ar, mask_input int32[B,T]}."""
+    s = self.sampler
+    settings = (jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p))
+    eos = jnp.int32(-1 if self.eos_id is None else self.eos_id)
+    return self._jit(params, batch["image"], batch["text"], batch["mask_ar"],
+                     batch["mask_input"], jax.random.PRNGKey(seed), settings, eos)
+
+  @staticmethod
+  def texts(tokenizer, out):
+    """list[str] of the generated text of each example, cut at the first eos."""
+    return [tokenizer.decode(row) for row in jax.device_get(out["tokens"])]
+
+
+# -- inside jit ----------------------------------------------------------------------
+# Static: model, steps (max_decode_len), mode ("greedy", "sample", "beam", "best_of_n"),
+# n, pad_id. Traced: everything else.
+
+_PROGRAMS = {}
+
+
+def _decode(model, steps, mode, n, pad_id, params, image, text, mask_ar, mask_input, rng,
+            settings, eos):
+  """Prefill, then the decode loop; see `Decoder` for the inputs and outputs."""
+  variables = {"params": params}
+  cache_size = model.num_image_tokens + text.shape[1] + steps
+  logits, cache = model.apply(variables, image, text, mask_ar, mask_input, cache_size,
+                              method=Model.prefill)
+  extend = lambda tokens, cache: model.apply(variables, tokens, cache, method=Model.extend)
+  loop = dict(extend=extend, steps=steps, pad_id=pad_id, eos=eos)
+  if mode == "beam":
+    return _beam(logits, cache, n, **loop)
+  if mode == "best_of_n":
+    b = logits.shape[0]
+    logits = jnp.repeat(logits, n, axis=0)
+    cache = _repeat_rows(cache, n, _cache_axis)
+    out = _sample(logits, cache, rng, settings, **loop)
+    best = jnp.argmax(out["scores"].reshape(b, n), axis=-1)
+    rows = jnp.arange(b) * n + best
+    return {k: v[rows] for k, v in out.items()}
+  return _sample(logits, cache, rng, settings if mode == "sample" else None, **loop)
+
+
+def _sample(logits, cache, rng, settings, *, extend, steps, pad_id, eos):
+  """Greedy / sampling loop: one token per example per step, until all ended."""
+  b = logits.shape[0]
+
+  def pick(i, logits, done):
+    token = jnp.where(done, pad_id, choose(jax.random.fold_in(rng, i), logits, settings))
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+    return token, jnp.where(done, 0.0, logp)
+
+  def write(state, i, token, logp):
+    tokens, logprobs, done = state
+    tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
+    logprobs = jax.lax.dynamic_update_slice(logprobs, logp[:, None], (0, i))
+    return tokens, logprobs, done | (token == eos)
+
+  state = (jnp.full((b, steps), pad_id, jnp.int32), jnp.zeros((b, steps), jnp.float32),
+           jnp.zeros((b,), bool))
+  token, logp = pick(0, logits, state[2])
+  state = write(state, 0, token, logp)
+
+  def cond(carry):
+    i, _, _, (_, _, done) = carry
+    return (i < steps) & ~jnp.all(done)
+
+  def body(carry):
+    i, last, cache, state = carry
+    logits, cache = extend(last, cache)
+    token, logp = pick(i, logits, state[2])
+    return i + 1, token, cache, write(state, i, token, logp)
+
+  _, _, _, (tokens, logprobs, _) = jax.lax.while_loop(
+      cond, body, (jnp.asarray(1, jnp.int32), token, cache, state))
+  return _outputs(tokens, logprobs, eos)
+
+
+def _beam(logits, cache, k, *, extend, steps, pad_id, eos):
+  """Beam search over total log-probability; a finished beam keeps its score."""
+  b, v = logits.shape[0], logits.shape[-1]
+  cache = _repeat_rows(cache, k, _cache_axis)
+  logits = jnp.repeat(logits, k, axis=0)
+  # Only beam 0 is live at first, so the k beams do not start as k copies.
+  scores = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)[None].repeat(b, 0)
+  tokens = jnp.full((b, k, steps), pad_id, jnp.int32)
+  logprobs = jnp.zeros((b, k, steps), jnp.float32)
+  done = jnp.zeros((b, k), bool)
+  # A finished beam has one continuation, pad at no cost, so it competes unchanged.
+  finished_row = jnp.where(jnp.arange(v) == pad_id, 0.0, -jnp.inf)
+
+  def step(i, logits, cache, scores, tokens, logprobs, done):
+    logp = jax.nn.log_softmax(logits).reshape(b, k, v)
+    logp = jnp.where(done[..., None], finished_row, logp)
+    top, idx = jax.lax.top_k((scores[..., None] + logp).reshape(b, k * v), k)
+    parent, token = idx // v, (idx % v).astype(jnp.int32)
+    chosen = jnp.take_along_axis(logp.reshape(b, k * v), idx, axis=1)
+    gather = lambda x: jnp.take_along_axis(
+        x, parent.reshape(parent.shape + (1,) * (x.ndim - 2)), axis=1)
+    tokens, logprobs, done = gather(tokens), gather(logprobs), gather(done)
+    tokens = jax.lax.dynamic_update_slice(tokens, token[..., None], (0, 0, i))
+    logprobs = jax.lax.dynamic_update_slice(logprobs, chosen[..., None], (0, 0, i))
+    done = done | (token == eos)
+    rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)
+    return token.reshape(-1), _take_rows(cache, rows), top, tokens, logprobs, done
+
+  carry = step(0, logits, cache, scores, tokens, logprobs, done)
+
+  def cond(carry):
+    i, *_, done = carry
+    # Scores only fall as beams grow, so a finished best beam (top_k sorts) stays best.
+    return (i < steps) & ~jnp.all(done[:, 0])
+
+  def body(carry):
+    i, last, cache, scores, tokens, logprobs, done = carry
+    logits, cache = extend(last, cache)
+    return (i + 1,) + step(i, logits, cache, scores, tokens, logprobs, done)
+
+  _, _, _, _, tokens, logprobs, _ = jax.lax.while_loop(
+      cond, body, (jnp.asarray(1, jnp.int32),) + carry)
+  return _outputs(tokens[:, 0], logprobs[:, 0], eos)
+
+
+def _outputs(tokens, logprobs, eos):
+  is_eos = tokens == eos
+  after = (jnp.cumsum(is_eos, axis=-1) - is_eos) > 0  # Strictly after the first eos.
+  return {"tokens": tokens, "logprobs": logprobs, "scores": jnp.sum(logprobs, axis=-1),
+          "lengths": jnp.sum(~after, axis=-1).astype(jnp.int32)}
+
+
+def decode(model, params, batch, *, max_decode_len, sampler="greedy", seed=0,
+           eos_id=tokenizer_lib.EOS_ID):
+  """Decodes a batch (see `Decoder`); compiled programs are shared, one per shape."""
+  decoder = Decoder(model, max_decode_len=max_decode_len, sampler=sampler, eos_id=eos_id)
+  return decoder(params, batch, seed)
