@@ -16,9 +16,6 @@ import jax.numpy as jnp
 
 from paligemma.models import layers
 
-_MASKED = -2.3819763e38  # Large negative logit for masked keys (finite: no NaN if all masked).
-
-
 class RMSNorm(nn.Module):
   """x * rsqrt(mean(x^2) + eps) * (1 + scale), computed in float32."""
   eps: float = 1e-6
@@ -52,11 +49,6 @@ def apply_rope(x, positions, max_wavelength=10_000):
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
-def softcap(x, cap):
-  """cap * tanh(x / cap); identity when cap is None or 0."""
-  return x if not cap else jnp.tanh(x / cap) * cap
 
 
 class Attention(nn.Module):
@@ -94,13 +86,7 @@ class Attention(nn.Module):
     else:
       new_cache = None
 
-    b, t = q.shape[:2]
-    q = q.reshape(b, t, kh, n // kh, h)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    logits = softcap(logits, self.attn_logits_softcap)
-    logits = jnp.where(mask[:, None, None], logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+    out = layers.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.attn_logits_softcap)
     out = Einsum((n, h, d), name="attn_vec_einsum", **kw)("BTNH,NHD->BTD", out)
     return out, new_cache
 
@@ -203,7 +189,7 @@ class Gemma(nn.Module):
 
   def logits(self, x):
     """float[B, ..., D] (final-normed) -> float32[B, ..., V], tied embedding + soft-cap."""
-    return softcap(self.embedder.decode(x), self.final_logits_softcap)
+    return layers.softcap(self.embedder.decode(x), self.final_logits_softcap)
 
   def is_local(self):
     """bool[L]: which layers use the sliding window (even ones, as transformers)."""

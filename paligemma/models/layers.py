@@ -1,7 +1,10 @@
-"""Structure shared by both towers: layer stacking (scan) and rematerialisation."""
+"""Shared by both towers: attention, soft-capping, layer stacking (scan), remat."""
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+
+_MASKED = -2.3819763e38  # Large negative logit for masked keys (finite: no NaN if all masked).
 
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable", "everything_saveable")
@@ -22,3 +25,34 @@ def scan_layers(block_cls, length, in_axes=0):
   return nn.scan(block_cls, variable_axes={"params": 0},
                  split_rngs={"params": True, "dropout": True},
                  in_axes=in_axes, length=length)
+
+
+def softcap(x, cap):
+  """cap * tanh(x / cap); identity when cap is None or 0."""
+  return x if not cap else jnp.tanh(x / cap) * cap
+
+
+def fused_attention_available():
+  """Whether jax.nn.dot_product_attention may pick a fused kernel (not on CPU)."""
+  return jax.default_backend() != "cpu"
+
+
+def attend(q, k, v, mask, logits_softcap=None):
+  """Softmax attention, logits in float32. q float[B, T, N, H] (already scaled);
+  k, v float[B, S, K, H]; mask bool[B, T, S] -> float[B, T, N, H].
+
+  On accelerators, without a soft-cap, this is `jax.nn.dot_product_attention`, which
+  picks the platform's fastest kernel (cuDNN's fused attention on GPU); the soft-cap sits
+  between the logits and the softmax, which no fused kernel offers. On CPU both lower to
+  the same XLA dots, and the einsums below also accept float16 there.
+  """
+  if not logits_softcap and fused_attention_available():
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=1.0)
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  q = q.reshape(b, t, kh, n // kh, h)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+  logits = softcap(logits, logits_softcap)
+  logits = jnp.where(mask[:, None, None], logits, _MASKED)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)

@@ -4,8 +4,6 @@ A tower config is a plain dict: an optional `variant` name plus any field, where
 given field overrides the variant's value. `resolve_*` returns the complete dict.
 """
 
-import dataclasses
-
 VIT_VARIANTS = {
     # name: width, depth, mlp_dim, num_heads (big_vision's naming; patch from "/NN").
     "mu": dict(width=32, depth=1, mlp_dim=128, num_heads=2),

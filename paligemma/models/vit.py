@@ -4,7 +4,6 @@ Axis letters: B batch, N image tokens (patches), D width, H heads, K head dim, M
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from paligemma.models import layers
@@ -41,9 +40,8 @@ class Attention(nn.Module):
         param_dtype=self.param_dtype, name=name)(x)
     q, k, v = proj("query"), proj("key"), proj("value")
     q = q * (width // self.num_heads) ** -0.5
-    logits = jnp.einsum("BNHK,BMHK->BHNM", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BHNM,BMHK->BNHK", probs, v)
+    mask = jnp.ones((q.shape[0], q.shape[1], k.shape[1]), bool)  # Bidirectional.
+    out = layers.attend(q, k, v, mask)
     return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
                            param_dtype=self.param_dtype, name="out")(out)
 
