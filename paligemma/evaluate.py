@@ -1,0 +1,92 @@
+r"""Run a transfer config's evaluators on a checkpoint: metrics.json and predictions.
+
+  python -m paligemma.evaluate --config transfers/shapes.py --checkpoint /tmp/shapes
+  python -m paligemma.evaluate --config transfers/cococap.py --checkpoint ft.npz \
+      --out /tmp/cococap_eval --config.evals.caption.batch_size=8
+
+Runs every entry of `config.evals` (see paligemma/evaluators) on its data, with a
+progress bar, and writes `{out}/metrics.json` ({"{eval name}/{metric}": value}) and
+`{out}/{eval name}.jsonl` predictions. --out defaults to `{workdir}/eval` for a
+trainer workdir. --eval NAME (repeatable) runs only those evaluators.
+
+The model: a workdir's own model_config.json; for other checkpoints the config's
+`model.img` / `model.llm` fields over the file's (so image_size resamples as in
+training). The tokenizer: --tokenizer, else the config's `tokenizer`, else as
+`paligemma.predict` finds it.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+# Transfer configs import their shared pieces as `configs.*` (next to the package).
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_REPO, "configs")) and _REPO not in sys.path:
+  sys.path.append(_REPO)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Transfer config file[:arg].")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "Trainer workdir, .npz, Hugging Face dir or kaggle: handle.")
+_OUT = flags.DEFINE_string("out", None, "Output folder (default: {workdir}/eval).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model override.")
+_EVAL = flags.DEFINE_multi_string("eval", None, "Run only these evaluators (names).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def evaluate(config, checkpoint, out, *, tokenizer=None, only=None, progress=True):
+  """dict of "{eval name}/{metric}" -> float; writes metrics.json and predictions in `out`."""
+  from paligemma import predict  # pylint: disable=g-import-not-at-top
+  from paligemma.evaluators import make_evaluator  # pylint: disable=g-import-not-at-top
+  evals = dict(config.get("evals") or {})
+  if not evals:
+    raise ValueError("The config has no `evals`: nothing to evaluate. Add evaluators to "
+                     "config.evals (see paligemma/evaluators/__init__.py).")
+  unknown = sorted(set(only or ()) - set(evals))
+  if unknown:
+    raise ValueError(f"--eval {unknown} not in config.evals; valid: {sorted(evals)}.")
+  model_cfg = config.get("model") or {}
+  overrides = {k: dict(model_cfg[k]) for k in ("img", "llm") if k in model_cfg}
+  model, params, tok, _ = predict.load_for_inference(
+      checkpoint, tokenizer=tokenizer or config.get("tokenizer"),
+      model_config=None if predict.is_workdir(checkpoint) else overrides)
+  image_size = config.input.image_size if "input" in config else model.img["image_size"]
+  text_len = config.input.text_len if "input" in config else 64
+  os.makedirs(out, exist_ok=True)
+  metrics = {}
+  for name, cfg in evals.items():
+    if only and name not in only:
+      continue
+    ev = make_evaluator(cfg.type, cfg, model=model, tokenizer=tok, image_size=image_size,
+                        text_len=text_len, predictions_dir=out, eval_name=name,
+                        progress=progress)
+    for k, v in ev.run(params).items():
+      metrics[f"{name}/{k}"] = float(v)
+  with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
+    json.dump(metrics, f, indent=2, sort_keys=True)
+  return metrics
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or _CHECKPOINT.value is None:
+    raise app.UsageError("--config and --checkpoint are required.")
+  from paligemma import predict  # pylint: disable=g-import-not-at-top
+  out = _OUT.value
+  if out is None:
+    if not predict.is_workdir(_CHECKPOINT.value):
+      raise app.UsageError("--out is required unless --checkpoint is a trainer workdir.")
+    out = os.path.join(_CHECKPOINT.value, "eval")
+  metrics = evaluate(_CONFIG.value, _CHECKPOINT.value, out, tokenizer=_TOKENIZER.value,
+                     only=_EVAL.value, progress=_PROGRESS.value)
+  for k, v in sorted(metrics.items()):
+    print(f"{k}\t{v:.6g}")
+  print(f"Wrote {os.path.join(out, 'metrics.json')}")
+
+
+if __name__ == "__main__":
+  app.run(main)

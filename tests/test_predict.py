@@ -1,0 +1,129 @@
+"""`python -m paligemma.predict` and `python -m paligemma.evaluate` on trainer workdirs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from paligemma import checkpoint
+from paligemma import predict
+from paligemma.data import shapes
+from paligemma.models.paligemma import Model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(img=dict(variant="mu/8", width=64, depth=2, mlp_dim=128, num_heads=2, image_size=32),
+            llm=dict(variant="gemma_tiny", vocab_size=1920, final_logits_softcap=None))
+# Training the shapes recipe takes minutes on 2 CPU cores, beyond this suite's budget:
+# the trained-model tests run with PALIGEMMA_SHAPES_WORKDIR=<a finished shapes run> or
+# PALIGEMMA_TRAIN_TESTS=1 (trains the full recipe here, in a temporary workdir).
+TRAIN = os.environ.get("PALIGEMMA_TRAIN_TESTS") == "1"
+
+
+def _run(module, *args, check=True):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=900)
+  if check and out.returncode:
+    raise AssertionError(f"{module} {args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+  return out
+
+
+def _fresh_images(folder, task, count, seed=4242):
+  """Shapes images never seen in training (another seed), saved as PNG files."""
+  source = shapes.make(task=task, num_examples=count, seed=seed, image_size=32)
+  paths = []
+  for i in range(count):
+    ex = source[i]
+    path = os.path.join(folder, f"{task}_{i}.png")
+    Image.fromarray(ex["image"]).save(path)
+    paths.append((path, ex))
+  return paths
+
+
+@pytest.fixture(scope="module")
+def random_workdir(tmp_path_factory):
+  """A workdir in the trainer's export layout, with random params (plumbing tests)."""
+  workdir = str(tmp_path_factory.mktemp("workdir"))
+  model = Model(**TINY)
+  shapes_ = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3)),
+                           np.zeros((1, 4), np.int32), np.zeros((1, 4), np.int32))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32), shapes_)
+  checkpoint.save_npz(params["params"], os.path.join(workdir, "params.npz"))
+  with open(os.path.join(workdir, "model_config.json"), "w") as f:
+    json.dump(TINY, f)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"tokenizer": None, "model": dict(TINY, dtype="float32", scan=True),
+               "input": {"image_size": 32, "text_len": 12}}, f)
+  return workdir
+
+
+def test_predict_cli_on_workdir_layout(random_workdir, tmp_path):
+  images = [p for p, _ in _fresh_images(str(tmp_path), "detect", 2)]
+  bad = tmp_path / "broken.png"
+  bad.write_bytes(b"not an image")
+  out = _run("paligemma.predict", "--checkpoint", random_workdir, "--image", *images, str(bad),
+             "--prompt", "detect circle ; square ; triangle", "--out", str(tmp_path / "out"),
+             "--json", "--max_decode_len", "8")
+  records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  assert [r["image"] for r in records] == images + [str(bad)]
+  for r in records[:2]:
+    assert isinstance(r["prediction"], str) and isinstance(r["boxes"], list)
+    assert os.path.exists(r["annotated"])
+  assert "error" in records[2]  # An unreadable image is reported, not fatal.
+
+  text = _run("paligemma.predict", "--checkpoint", random_workdir, "--image", images[0],
+              "--max_decode_len", "4").stdout.splitlines()
+  assert len(text) == 1 and text[0].startswith(images[0] + "\t")
+
+
+def test_load_for_inference_errors(tmp_path, random_workdir):
+  with pytest.raises(checkpoint.CheckpointError, match="no such file"):
+    predict.load_for_inference(str(tmp_path / "missing.npz"))
+  model, params, tok, run_config = predict.load_for_inference(random_workdir)
+  assert model.img["image_size"] == 32 and tok.vocab_size == 1920
+  assert run_config["input"]["text_len"] == 12
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  """The shapes caption recipe, trained by `python -m paligemma.train` (or reused)."""
+  given = os.environ.get("PALIGEMMA_SHAPES_WORKDIR")
+  if given:
+    return given
+  if not TRAIN:
+    pytest.skip("set PALIGEMMA_SHAPES_WORKDIR or PALIGEMMA_TRAIN_TESTS=1 (trains for minutes)")
+  workdir = str(tmp_path_factory.mktemp("shapes"))
+  _run("paligemma.train", "--config", "transfers/shapes.py:evals=False", "--workdir", workdir,
+       "--config.progress=False")
+  return workdir
+
+
+def test_predict_trained_shapes_model_captions_fresh_images(trained_workdir, tmp_path):
+  images = _fresh_images(str(tmp_path), "caption", 6)
+  out = _run("paligemma.predict", "--checkpoint", trained_workdir, "--image",
+             *[p for p, _ in images], "--prompt", "caption en", "--max_decode_len", "12")
+  lines = out.stdout.splitlines()
+  assert len(lines) == len(images)
+  got = {line.split("\t")[0]: line.split("\t")[1] for line in lines}
+  right = [got[p] == ex["suffix"] for p, ex in images]
+  print("predictions:", [(got[p], ex["suffix"]) for p, ex in images])
+  assert right[0], f"{got[images[0][0]]!r} != {images[0][1]['suffix']!r}"
+  assert sum(right) >= 5
+
+
+def test_evaluate_cli_on_trained_workdir(trained_workdir, tmp_path):
+  out = _run("paligemma.evaluate", "--config", "transfers/shapes.py",
+             "--checkpoint", trained_workdir, "--out", str(tmp_path), "--eval", "caption",
+             "--config.evals.caption.data.num_examples=32", "--config.evals.caption.batch_size=32",
+             "--progress=False")
+  metrics = json.loads((tmp_path / "metrics.json").read_text())
+  assert metrics["caption/num_examples"] == 32 and metrics["caption/exact_match"] >= 0.8, out.stdout
+  lines = (tmp_path / "caption.jsonl").read_text().splitlines()
+  assert len(lines) == 32 and set(json.loads(lines[0])) == {"id", "prompt", "prediction",
+                                                           "references"}
