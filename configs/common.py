@@ -86,18 +86,33 @@ def perplexity_eval(data, *, every, batch_size, **kwargs):
                                         batch_size=batch_size, **kwargs))
 
 
-# Small random-initialised model for the CPU demo and the tests: an 8x8-patch ViT on
-# 32 px images (16 image tokens) and a 2-layer Gemma on the tiny tokenizer's 1920 pieces.
+# Small random-initialised model for the CPU demo and the tests: a 4x4-patch ViT on
+# 32 px images (64 image tokens: 8x8 patches could not tell circles from squares) and a 2-layer Gemma on the tiny tokenizer's 1920 pieces.
 TINY_MODEL = dict(
-    img=dict(variant="mu/8", width=64, depth=2, mlp_dim=128, num_heads=2, image_size=32),
+    img=dict(variant="mu/4", width=64, depth=2, mlp_dim=128, num_heads=2, image_size=32),
     llm=dict(variant="gemma_tiny", vocab_size=1920, final_logits_softcap=None),
     dtype="float32", param_dtype="float32", scan=True, remat_policy="none")
 
-# The released checkpoints: towers fixed by the file; these fields are the transfer's.
-def pretrained_model(image_size=224, dtype="float32"):
-  """Model config for a released checkpoint loaded through `model_init`."""
+# Released checkpoint names -> their Gemma; the ViT is So400m/14 in all of them.
+RELEASED_LLM = (("paligemma2-3b", "gemma2_2b"), ("paligemma2-10b", "gemma2_9b"),
+                ("paligemma2-28b", "gemma2_27b"), ("paligemma-3b", "gemma_2b"),
+                ("paligemma_3b", "gemma_2b"), ("pt_224", "gemma_2b"), ("pt_448", "gemma_2b"),
+                ("pt_896", "gemma_2b"))
+
+
+def pretrained_model(checkpoint, image_size=224, dtype="float32", llm_variant=None):
+  """Model config for a released checkpoint loaded through `model_init`.
+
+  The variants are named (from the checkpoint's name unless `llm_variant` is given) so
+  that loading checks the file is the expected model, and so that `python -m
+  paligemma.plan` can size the run without the file.
+  """
+  if llm_variant is None:
+    name = str(checkpoint).lower()
+    llm_variant = next((v for k, v in RELEASED_LLM if k in name), "gemma2_2b")
   # big_vision's transfers turn off the final logit soft-cap ("better for transfer").
-  return dict(img=dict(image_size=image_size), llm=dict(final_logits_softcap=0.0),
+  return dict(img=dict(variant="So400m/14", image_size=image_size),
+              llm=dict(variant=llm_variant, final_logits_softcap=0.0),
               dtype=dtype, param_dtype="float32", scan=True, remat_policy="none")
 
 

@@ -171,6 +171,10 @@ def train(config, workdir):
   tok = tokenizer_lib.load_tokenizer(config.tokenizer)
   model = build_model(config)
   params, model_config = init_params(config, model, mesh)
+  # The checkpoint is the truth for the towers (the config may name only the resolution).
+  model = model_lib.Model(**model_config, param_dtype=config.model.param_dtype,
+                          dtype=config.model.dtype, scan=config.model.scan,
+                          remat_policy=config.model.remat_policy)
   vocab = model_config["llm"]["vocab_size"]
   if tok.vocab_size > vocab:
     raise ValueError(f"Tokenizer {tok.path} has {tok.vocab_size} pieces but the model "
@@ -205,7 +209,7 @@ def train(config, workdir):
                        f"{meta['batch_size']} or use a new workdir.")
     trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
     start = int(state["step"])
-    logging.info("Resumed from %s/%d", ckpts.directory, latest)
+    logging.warning("Resumed from %s/%d", ckpts.directory, latest)
 
   data = pipeline.make_train_input(
       source, tok, image_size=config.input.image_size, text_len=config.input.text_len,
@@ -275,6 +279,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments {argv[1:]}; config overrides are "
                          "--config.key=value.")
   config = _CONFIG.value
+  # Orbax logs every checkpoint step at INFO; keep the console for the progress bar.
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   sharding.initialize_distributed(config.distributed)
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required (checkpoints, metrics and params go there).")

@@ -20,7 +20,7 @@ def get_config(arg=None):
       checkpoint="kaggle:google/paligemma-2/jax/paligemma2-3b-pt-448")
   c = common.base_config()
   c.tokenizer = arg.tokenizer
-  c.model = common.pretrained_model(image_size=448, dtype="bfloat16")
+  c.model = common.pretrained_model(arg.checkpoint, image_size=448, dtype="bfloat16")
   c.model_init = arg.checkpoint
 
   c.input.data = dict(name="coco_detection", annotations=arg.annotations, images=arg.images,

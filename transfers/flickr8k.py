@@ -21,7 +21,7 @@ def get_config(arg=None):
   c = common.base_config()
   c.tokenizer = arg.tokenizer
 
-  c.model = common.pretrained_model(image_size=224)
+  c.model = common.pretrained_model(arg.checkpoint, image_size=224)
   c.model_init = arg.checkpoint
 
   c.input.data = dict(name="flickr8k", directory=arg.directory, split="train",

@@ -1,13 +1,14 @@
 r"""The template to copy for a new task: your images and texts as JSON lines.
 
   python -m paligemma.train --config transfers/forkme.py:train=data/train.jsonl,val=data/val.jsonl \
-      --workdir /tmp/mytask --config.model_init=kaggle:google/paligemma-2/jax/paligemma2-3b-pt-224
+      --workdir /tmp/mytask
 
 Each line: {"image": "images/0001.jpg", "prefix": "caption en", "suffix": "a red circle"}
 (paths relative to the jsonl file). Recipe from big_vision's forkme.py (4x L4): 224 px,
 text_len 128, batch 32, 15 epochs, Adam (b2 0.999), lr 1e-5, decoupled weight decay
 3e-7, clip 1.0, cosine with 5% warmup, both towers trained.
-Arguments: train, val (jsonl paths), tokenizer (the checkpoint's paligemma_tokenizer.model).
+Arguments: train, val (jsonl paths), checkpoint (path, HF dir or kaggle: handle),
+tokenizer (the checkpoint's paligemma_tokenizer.model).
 """
 
 from configs import common
@@ -15,13 +16,14 @@ from configs import common
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, train="data/train.jsonl", val="data/val.jsonl",
+                         checkpoint="kaggle:google/paligemma-2/jax/paligemma2-3b-pt-224",
                          tokenizer="paligemma_tokenizer.model")
   c = common.base_config()
   c.tokenizer = arg.tokenizer
 
   # Model: a released checkpoint (path, HF dir or kaggle: handle) at 224 px.
-  c.model = common.pretrained_model(image_size=224)
-  c.model_init = "kaggle:google/paligemma-2/jax/paligemma2-3b-pt-224"
+  c.model = common.pretrained_model(arg.checkpoint, image_size=224)
+  c.model_init = arg.checkpoint
 
   # Data.
   c.input.data = dict(name="jsonl", path=arg.train)

@@ -22,7 +22,7 @@ def get_config(arg=None):
       checkpoint="kaggle:google/paligemma-2/jax/paligemma2-3b-pt-224")
   c = common.base_config()
   c.tokenizer = arg.tokenizer
-  c.model = common.pretrained_model(image_size=224, dtype="bfloat16")
+  c.model = common.pretrained_model(arg.checkpoint, image_size=224, dtype="bfloat16")
   c.model_init = arg.checkpoint
 
   c.input.data = dict(name="vqa", questions=arg.questions, annotations=arg.annotations,
