@@ -86,10 +86,10 @@ def perplexity_eval(data, *, every, batch_size, **kwargs):
                                         batch_size=batch_size, **kwargs))
 
 
-# Small random-initialised model for the CPU demo and the tests: a 4x4-patch ViT on
-# 32 px images (64 image tokens: 8x8 patches could not tell circles from squares) and a 2-layer Gemma on the tiny tokenizer's 1920 pieces.
+# Small random-initialised model for the CPU demo and the tests: an 8x8-patch ViT on
+# 32 px images (16 image tokens) and a 2-layer Gemma on the tiny tokenizer's 1920 pieces.
 TINY_MODEL = dict(
-    img=dict(variant="mu/4", width=64, depth=2, mlp_dim=128, num_heads=2, image_size=32),
+    img=dict(variant="mu/8", width=64, depth=2, mlp_dim=128, num_heads=2, image_size=32),
     llm=dict(variant="gemma_tiny", vocab_size=1920, final_logits_softcap=None),
     dtype="float32", param_dtype="float32", scan=True, remat_policy="none")
 

@@ -225,7 +225,7 @@ class Embedder(nn.Module):
   param_dtype: str = "float32"
 
   def setup(self):
-    self.input_embedding = self.param("input_embedding", nn.initializers.normal(stddev=0.01),
+    self.input_embedding = self.param("input_embedding", nn.initializers.normal(stddev=1.0),
                                       (self.vocab_size, self.width), self.param_dtype)
 
   def encode(self, tokens):
