@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from paligemma.checkpoint.tree import flatten, unflatten  # pylint: disable=unused-import
+
 OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor")
 PRESETS = {
     "full": [(".*", "default")],
@@ -38,26 +40,6 @@ PRESETS = {
 DECAYS = ("cosine", "linear", "rsqrt", "constant")
 # Matrices decay; norms, biases, embeddings and position embeddings do not.
 DEFAULT_WD_MASK = r".*/(kernel|w|gating_einsum|linear)"
-
-
-def flatten(tree):
-  """{"a/b/c": leaf} from a nested dict."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    out["/".join(str(getattr(k, "key", k)) for k in path)] = leaf
-  return out
-
-
-def unflatten(flat):
-  """Nested dict from {"a/b/c": leaf}."""
-  out = {}
-  for name, leaf in flat.items():
-    *parents, last = name.split("/")
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = leaf
-  return out
 
 
 def groups_from_config(schedule, default_schedule):
