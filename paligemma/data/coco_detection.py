@@ -27,7 +27,6 @@ Config: {"name": "coco_detection", "annotations": "instances_val2017.json",
 "images": "val2017/", ...options}.
 """
 
-import json
 import os
 
 import numpy as np
@@ -38,20 +37,6 @@ from paligemma.data import sources
 ASK = ("present", "all")
 
 
-def _load_json(path):
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"COCO annotations file {path!r} not found; set `annotations`.")
-  with open(path, encoding="utf-8") as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}).") from None
-  for key in ("images", "annotations", "categories"):
-    if not isinstance(data.get(key), list):
-      raise ValueError(f"{path}: missing list {key!r}; expected a COCO instances json.")
-  return data
-
-
 def examples(annotations, images, classes=None, ask="present", shuffle_objects=False,
              seed=0, skip_crowd=True, keep_empty=False):
   """list[dict] detection examples of a COCO instances json (see the module docstring)."""
@@ -59,7 +44,8 @@ def examples(annotations, images, classes=None, ask="present", shuffle_objects=F
     raise ValueError(f"`ask` must be one of {ASK}, got {ask!r}.")
   if not os.path.isdir(images):
     raise FileNotFoundError(f"COCO image folder {images!r} not found; set `images`.")
-  data = _load_json(annotations)
+  data = sources.read_json(annotations, ("images", "annotations", "categories"),
+                           "COCO instances", "annotations")
   cat_names = {c["id"]: c["name"] for c in data["categories"]}
   if classes is None:
     classes = [cat_names[k] for k in sorted(cat_names)]

@@ -18,6 +18,8 @@ annotation files.
 keyword arguments of its `make` function (see the module of that name).
 """
 
+import json
+import os
 import importlib
 import inspect
 
@@ -71,3 +73,18 @@ def make_source(config):
   if missing:
     raise ValueError(f"Data source {name!r} needs option(s) {missing}.")
   return module.make(**options)
+
+
+def read_json(path, keys, kind, option):
+  """Loads a dataset json whose `keys` must be lists; errors name the file and the fix."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{kind} file {path!r} not found; set `{option}`.")
+  with open(path, encoding="utf-8") as f:
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}).") from None
+  for key in keys:
+    if not isinstance(data.get(key), list):
+      raise ValueError(f"{path}: missing list {key!r}; expected a {kind} json.")
+  return data

@@ -15,7 +15,6 @@ questions' `data_subtype`); the default is COCO's "COCO_{subtype}_{image_id:012d
 Config: {"name": "vqa", "questions": ..., "annotations": ..., "images": ...}.
 """
 
-import json
 import os
 
 from paligemma.data import sources
@@ -23,29 +22,17 @@ from paligemma.data import sources
 DEFAULT_PATTERN = "COCO_{subtype}_{image_id:012d}.jpg"
 
 
-def _load(path, key, what):
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"VQA {what} file {path!r} not found; set `{what}`.")
-  with open(path, encoding="utf-8") as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}).") from None
-  if not isinstance(data.get(key), list):
-    raise ValueError(f"{path}: missing list {key!r}; expected a VQAv2 {what} json.")
-  return data
-
-
 def make(questions, images, annotations=None, image_pattern=DEFAULT_PATTERN,
          prefix="answer en {question}"):
   """Source of VQA examples."""
   if not os.path.isdir(images):
     raise FileNotFoundError(f"VQA image folder {images!r} not found; set `images`.")
-  qdata = _load(questions, "questions", "questions")
+  qdata = sources.read_json(questions, ("questions",), "VQAv2 questions", "questions")
   subtype = qdata.get("data_subtype", "")
   answers = {}
   if annotations is not None:
-    for ann in _load(annotations, "annotations", "annotations")["annotations"]:
+    for ann in sources.read_json(annotations, ("annotations",), "VQAv2 annotations",
+                                  "annotations")["annotations"]:
       answers[ann["question_id"]] = ann
   examples = []
   for q in qdata["questions"]:
