@@ -357,3 +357,14 @@ def test_shapes_pixels_match_caption_and_boxes():
       assert painted[y1:y2, x1:x2].mean() > 0.4  # The box is mostly its shape.
   with pytest.raises(ValueError, match="task"):
     make_source({"name": "shapes", "task": "segment"})
+
+
+def test_shapes_size_range():
+  for low, high in ((0.3, 0.5), (0.7, 0.9)):
+    src = make_source({"name": "shapes", "task": "caption", "num_examples": 30, "seed": 0,
+                       "image_size": 100, "size": [low, high]})
+    sides = [ex["objects"][0]["box"][2] - ex["objects"][0]["box"][0] for ex in src]
+    assert low - 0.011 <= min(sides) and max(sides) <= high  # Sides are whole pixels.
+    assert max(sides) - min(sides) > (high - low) / 3  # Drawn across the range.
+  with pytest.raises(ValueError, match="size"):
+    make_source({"name": "shapes", "size": [0.6, 0.4]})

@@ -10,11 +10,11 @@ every machine and at every access; train and evaluation sets use different seeds
                   suffix "<loc..>x4 circle ; ..." ordered by kind as in the prefix,
                   then top to bottom
 
-Shapes do not overlap; each side is 30%..50% of the image divided by sqrt(number of
-shapes). Extra field `objects`: [{"label", "colour", "box": [y1, x1, y2, x2] in [0, 1]}].
+Shapes do not overlap; each side is a fraction `size` = (low, high) of the image side
+(uniform in the range), divided by sqrt(number of shapes). Extra field `objects`: [{"label", "colour", "box": [y1, x1, y2, x2] in [0, 1]}].
 
 Config: {"name": "shapes", "task": "caption", "num_examples": 1000, "seed": 0,
-"image_size": 224, "max_shapes": 1}.
+"image_size": 224, "max_shapes": 1, "size": [0.3, 0.5]}.
 """
 
 import numpy as np
@@ -33,13 +33,15 @@ class ShapesSource:
   """Sequence of synthetic shape examples (see the module docstring)."""
 
   def __init__(self, task="caption", num_examples=1000, seed=0, image_size=224,
-               max_shapes=1, colours=tuple(COLOURS), shapes=SHAPES):
+               max_shapes=1, colours=tuple(COLOURS), shapes=SHAPES, size=(0.3, 0.5)):
     if task not in TASKS:
       raise ValueError(f"shapes `task` must be one of {TASKS}, got {task!r}.")
     if num_examples < 1:
       raise ValueError(f"shapes `num_examples` must be >= 1, got {num_examples}.")
     if not 1 <= max_shapes <= 4:
       raise ValueError(f"shapes `max_shapes` must be 1..4, got {max_shapes}.")
+    if not (len(size) == 2 and 0 < size[0] <= size[1] <= 1):
+      raise ValueError(f"shapes `size` must be [low, high] with 0 < low <= high <= 1, got {size}.")
     bad = sorted(set(colours) - set(COLOURS)) + sorted(set(shapes) - set(SHAPES))
     if bad:
       raise ValueError(f"Unknown colour/shape {bad}; valid: {list(COLOURS)}, {list(SHAPES)}.")
@@ -47,6 +49,7 @@ class ShapesSource:
     self.task, self.num_examples, self.seed = task, int(num_examples), int(seed)
     self.image_size, self.max_shapes = int(image_size), int(max_shapes)
     self.colours, self.shapes = list(colours), list(shapes)
+    self.size = (float(size[0]), float(size[1]))
 
   def __len__(self):
     return self.num_examples
@@ -80,7 +83,7 @@ class ShapesSource:
       colour = self.colours[rng.integers(len(self.colours))]
       kind = self.shapes[rng.integers(len(self.shapes))]
       for _ in range(20):  # Rejection-sample a place that overlaps no earlier shape.
-        side = int(s * scale * rng.uniform(0.3, 0.5))
+        side = int(s * scale * rng.uniform(*self.size))
         y, x = (int(v) for v in rng.integers(0, s - side + 1, size=2))
         if all(y + side <= t[0] or t[2] <= y or x + side <= t[1] or t[3] <= x for t in taken):
           break
@@ -101,6 +104,6 @@ class ShapesSource:
 
 
 def make(task="caption", num_examples=1000, seed=0, image_size=224, max_shapes=1,
-         colours=tuple(COLOURS), shapes=SHAPES):
+         colours=tuple(COLOURS), shapes=SHAPES, size=(0.3, 0.5)):
   """Source of synthetic shape examples."""
-  return ShapesSource(task, num_examples, seed, image_size, max_shapes, colours, shapes)
+  return ShapesSource(task, num_examples, seed, image_size, max_shapes, colours, shapes, size)
