@@ -43,11 +43,19 @@ def base_config():
   c.frozen_dtype = config_dict.placeholder(str)  # e.g. "bfloat16": frozen params stored so.
   c.label_smoothing = 0.0
 
-  # Devices (paligemma/sharding.py).
-  c.mesh = [("data", -1)]
-  c.sharding_rules = [(".*", "fsdp")]
-  c.batch_axes = ["data"]
-  c.distributed = "auto"           # jax.distributed.initialize(): "auto" | True | False.
+  # Devices (paligemma/sharding.py, docs/multihost.md). mesh: [(axis, size)], one size
+  # -1 (the rest); a ("model", n) axis turns on tensor parallelism. sharding_rules: a
+  # preset, "fsdp_tp" (heads / mlp / vocab over "model" if the mesh has it, the rest
+  # fsdp over "data"), "fsdp", "replicate" (pure data parallel), or [(regex, rule)].
+  # batch_axes: mesh axes the batch is split over. distributed: "auto" calls
+  # jax.distributed.initialize() when the environment shows several processes (TPU
+  # pod, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS); True always, False never.
+  # (Typed `object` so that the command line takes Python literals:
+  # --config.mesh='[("data", 4), ("model", 2)]' --config.sharding_rules=fsdp.)
+  c.mesh = config_dict.FieldReference([("data", -1)], field_type=object)
+  c.sharding_rules = config_dict.FieldReference("fsdp_tp", field_type=object)
+  c.batch_axes = config_dict.FieldReference(["data"], field_type=object)
+  c.distributed = config_dict.FieldReference("auto", field_type=object)
 
   c.log_every = 10
   c.ckpt_every = 1000

@@ -13,6 +13,12 @@ example has emitted eos (or after L tokens). Params are an argument of the compi
 function, never a constant in it. Nothing leaves the device inside the loop, so inputs
 sharded over a mesh stay sharded (jit propagates the batch sharding).
 
+Sharded decoding: with params sharded over a mesh (as the trainer leaves them; or
+`Decoder(..., mesh=mesh)`), the inputs are split over `batch_axes` and the KV cache
+k, v float[L, B, S, K, H] over the batch (B on `batch_axes`) and the kv heads (K on
+`model_axis`), each where divisible and replicated otherwise
+(`paligemma.sharding.kv_cache_shardings`). The tokens are those of unsharded decoding.
+
 Prompts are right-padded (`paligemma.prompt.assemble(..., mode="eval")`); every example
 keeps its own RoPE positions and attends only its real tokens, so an example decodes to
 the same tokens whatever else is in the batch.
@@ -43,6 +49,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from paligemma import sharding
 from paligemma import tokenizer as tokenizer_lib
 from paligemma.models.paligemma import Model
 
@@ -151,11 +158,34 @@ def _take_rows(cache, rows):
           for k, v in cache.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where decoding's arrays live: the batch on `batch_axes`, kv heads on `model_axis`."""
+  mesh: jax.sharding.Mesh
+  batch_axes: tuple = ("data",)
+  model_axis: str = "model"
+
+  def batch(self, tree):
+    return sharding.constrain_batch(tree, self.mesh, self.batch_axes)
+
+  def cache(self, cache):
+    return sharding.constrain_kv_cache(cache, self.mesh, self.batch_axes, self.model_axis)
+
+
+def _unconstrained(tree):
+  return tree
+
+
 class Decoder:
-  """Compiled batched decoding for one model, sampler and max_decode_len."""
+  """Compiled batched decoding for one model, sampler and max_decode_len.
+
+  mesh: lay the batch and the KV cache out over it (see the module docstring); None:
+  the mesh of the params where they are sharded, else one device.
+  """
 
   def __init__(self, model, *, max_decode_len, sampler="greedy",
-               eos_id=tokenizer_lib.EOS_ID, pad_id=tokenizer_lib.PAD_ID):
+               eos_id=tokenizer_lib.EOS_ID, pad_id=tokenizer_lib.PAD_ID, mesh=None,
+               batch_axes=("data",), model_axis="model"):
     if max_decode_len < 1:
       raise ValueError(f"max_decode_len must be >= 1, got {max_decode_len}.")
     self.model = model
@@ -163,26 +193,39 @@ class Decoder:
     self.sampler = parse_sampler(sampler)
     self.eos_id = eos_id  # None: never stop early (benchmarks).
     self.pad_id = pad_id
+    self.mesh = mesh
+    self.batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    self.model_axis = model_axis
+
+  def layout(self, params):
+    """The `Layout` used for `params` (None: unsharded)."""
+    mesh = self.mesh if self.mesh is not None else sharding.mesh_of(params)
+    if mesh is None:
+      return None
+    return Layout(mesh, self.batch_axes, self.model_axis)
+
+  def _program(self, layout):
     # Only the loop's structure is static; temperature, top-k, top-p and eos are
     # arguments, so decoders that differ in them share one compiled program.
     s = self.sampler
     mode = ("greedy" if s.kind == "greedy" else s.kind if s.kind in ("beam", "best_of_n")
             else "sample")
-    key = (repr(model), self.max_decode_len, mode, s.n, pad_id)
+    key = (repr(self.model), self.max_decode_len, mode, s.n, self.pad_id, layout)
     if key not in _PROGRAMS:
       if len(_PROGRAMS) >= 32:
         _PROGRAMS.pop(next(iter(_PROGRAMS)))
       _PROGRAMS[key] = jax.jit(functools.partial(
-          _decode, model, self.max_decode_len, mode, s.n, pad_id))
-    self._jit = _PROGRAMS[key]
+          _decode, self.model, self.max_decode_len, mode, s.n, self.pad_id, layout))
+    return _PROGRAMS[key]
 
   def __call__(self, params, batch, seed=0):
     """Decodes a batch {image float32[B,H,W,3], text, mask_ar, mask_input int32[B,T]}."""
     s = self.sampler
     settings = (jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p))
     eos = jnp.int32(-1 if self.eos_id is None else self.eos_id)
-    return self._jit(params, batch["image"], batch["text"], batch["mask_ar"],
-                     batch["mask_input"], jax.random.PRNGKey(seed), settings, eos)
+    return self._program(self.layout(params))(
+        params, batch["image"], batch["text"], batch["mask_ar"], batch["mask_input"],
+        jax.random.PRNGKey(seed), settings, eos)
 
   @staticmethod
   def texts(tokenizer, out):
@@ -192,26 +235,31 @@ class Decoder:
 
 # -- inside jit ----------------------------------------------------------------------
 # Static: model, steps (max_decode_len), mode ("greedy", "sample", "beam", "best_of_n"),
-# n, pad_id. Traced: everything else.
+# n, pad_id, layout. Traced: everything else.
 
 _PROGRAMS = {}
 
 
-def _decode(model, steps, mode, n, pad_id, params, image, text, mask_ar, mask_input, rng,
-            settings, eos):
+def _decode(model, steps, mode, n, pad_id, layout, params, image, text, mask_ar, mask_input,
+            rng, settings, eos):
   """Prefill, then the decode loop; see `Decoder` for the inputs and outputs."""
   variables = {"params": params}
+  constrain = _unconstrained if layout is None else layout.cache
+  if layout is not None:
+    image, text, mask_ar, mask_input = layout.batch((image, text, mask_ar, mask_input))
   cache_size = model.num_image_tokens + text.shape[1] + steps
   logits, cache = model.apply(variables, image, text, mask_ar, mask_input, cache_size,
                               method=Model.prefill)
+  cache = constrain(cache)
+  # Every step's cache keeps the prefill's layout (a stable while_loop carry).
   extend = lambda tokens, cache: model.apply(variables, tokens, cache, method=Model.extend)
-  loop = dict(extend=extend, steps=steps, pad_id=pad_id, eos=eos)
+  loop = dict(extend=extend, steps=steps, pad_id=pad_id, eos=eos, constrain=constrain)
   if mode == "beam":
     return _beam(logits, cache, n, **loop)
   if mode == "best_of_n":
     b = logits.shape[0]
     logits = jnp.repeat(logits, n, axis=0)
-    cache = _repeat_rows(cache, n, _cache_axis)
+    cache = constrain(_repeat_rows(cache, n, _cache_axis))
     out = _sample(logits, cache, rng, settings, **loop)
     best = jnp.argmax(out["scores"].reshape(b, n), axis=-1)
     rows = jnp.arange(b) * n + best
@@ -219,7 +267,7 @@ def _decode(model, steps, mode, n, pad_id, params, image, text, mask_ar, mask_in
   return _sample(logits, cache, rng, settings if mode == "sample" else None, **loop)
 
 
-def _sample(logits, cache, rng, settings, *, extend, steps, pad_id, eos):
+def _sample(logits, cache, rng, settings, *, extend, steps, pad_id, eos, constrain):
   """Greedy / sampling loop: one token per example per step, until all ended."""
   b = logits.shape[0]
 
@@ -247,17 +295,17 @@ def _sample(logits, cache, rng, settings, *, extend, steps, pad_id, eos):
     i, last, cache, state = carry
     logits, cache = extend(last, cache)
     token, logp = pick(i, logits, state[2])
-    return i + 1, token, cache, write(state, i, token, logp)
+    return i + 1, token, constrain(cache), write(state, i, token, logp)
 
   _, _, _, (tokens, logprobs, _) = jax.lax.while_loop(
       cond, body, (jnp.asarray(1, jnp.int32), token, cache, state))
   return _outputs(tokens, logprobs, eos)
 
 
-def _beam(logits, cache, k, *, extend, steps, pad_id, eos):
+def _beam(logits, cache, k, *, extend, steps, pad_id, eos, constrain):
   """Beam search over total log-probability; a finished beam keeps its score."""
   b, v = logits.shape[0], logits.shape[-1]
-  cache = _repeat_rows(cache, k, _cache_axis)
+  cache = constrain(_repeat_rows(cache, k, _cache_axis))
   logits = jnp.repeat(logits, k, axis=0)
   # Only beam 0 is live at first, so the k beams do not start as k copies.
   scores = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)[None].repeat(b, 0)
@@ -280,7 +328,7 @@ def _beam(logits, cache, k, *, extend, steps, pad_id, eos):
     logprobs = jax.lax.dynamic_update_slice(logprobs, chosen[..., None], (0, 0, i))
     done = done | (token == eos)
     rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)
-    return token.reshape(-1), _take_rows(cache, rows), top, tokens, logprobs, done
+    return token.reshape(-1), constrain(_take_rows(cache, rows)), top, tokens, logprobs, done
 
   carry = step(0, logits, cache, scores, tokens, logprobs, done)
 
@@ -307,7 +355,8 @@ def _outputs(tokens, logprobs, eos):
 
 
 def decode(model, params, batch, *, max_decode_len, sampler="greedy", seed=0,
-           eos_id=tokenizer_lib.EOS_ID):
+           eos_id=tokenizer_lib.EOS_ID, mesh=None):
   """Decodes a batch (see `Decoder`); compiled programs are shared, one per shape."""
-  decoder = Decoder(model, max_decode_len=max_decode_len, sampler=sampler, eos_id=eos_id)
+  decoder = Decoder(model, max_decode_len=max_decode_len, sampler=sampler, eos_id=eos_id,
+                    mesh=mesh)
   return decoder(params, batch, seed)

@@ -7,6 +7,12 @@ Works on abstract shapes only: parameters and optimizer state come from `jax.eva
 and the config's mesh and sharding rules (bytes per device); activations and other
 temporaries come from XLA's memory analysis of the compiled train step for one device's
 share of the batch (compiled for this machine's backend, so a CPU estimate of a GPU run).
+
+bfloat16: XLA's CPU backend has no bfloat16 arithmetic and widens it to float32, whole
+stacks of layer weights at a time, and so does XLA on a GPU without bfloat16 units (the
+T4). For the T4 the step is compiled as configured, so the plan shows that cost (and
+suggests float16); for the other devices it is compiled with float16 in place of
+bfloat16 (the same bytes, and native on CPU).
 """
 
 import dataclasses
@@ -27,6 +33,7 @@ GiB = 1 << 30
 # preallocates 75% unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised (the README says how).
 DEVICES = {"t4": 15.0 * GiB, "l4": 22.0 * GiB, "a100-40": 39.0 * GiB, "a100-80": 79.0 * GiB,
            "h100-80": 79.0 * GiB, "v5e": 15.75 * GiB}
+NO_BFLOAT16 = ("t4",)  # Devices without bfloat16 arithmetic (XLA widens it to float32).
 _DEVICE = flags.DEFINE_enum("device", "t4", sorted(DEVICES), "Accelerator to plan for.")
 _DEVICES = flags.DEFINE_integer("devices", None, "Number of devices (default: the config "
                                 "mesh's fixed sizes, else 1).")
@@ -84,6 +91,9 @@ def make_plan(config, device="t4", devices=None):
     raise ValueError(f"Unknown device {device!r}; valid: {sorted(DEVICES)}")
   mesh, devices = _abstract_mesh(config, devices)
   model = train.build_model(config)
+  compile_dtype = _compile_dtype(device)
+  compile_model = model.clone(dtype=compile_dtype(model.dtype),
+                              param_dtype=compile_dtype(model.param_dtype))
   res, text_len = config.input.image_size, config.input.text_len
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                           jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32),
@@ -103,14 +113,18 @@ def make_plan(config, device="t4", devices=None):
 
   data_parallel = math.prod(mesh.shape[a] for a in config.batch_axes)
   per_device = max(1, config.input.batch_size // data_parallel)
-  step = step_lib.make_train_step(model, tx, lr_fns[sorted(lr_fns)[0]],
+  step = step_lib.make_train_step(compile_model, tx, lr_fns[sorted(lr_fns)[0]],
+                                  label_smoothing=config.label_smoothing,
                                   accum_steps=min(config.optim.accum_steps, per_device))
   b = per_device
   batch = dict(image=jax.ShapeDtypeStruct((b, res, res, 3), jnp.float32),
                **{k: jax.ShapeDtypeStruct((b, text_len + 1), jnp.int32)
                   for k in ("text", "mask_ar", "mask_loss")})
+  recast = lambda tree: jax.tree.map(
+      lambda v: jax.ShapeDtypeStruct(v.shape, compile_dtype(v.dtype)), tree)
   compiled = jax.jit(step, donate_argnums=(0, 2)).lower(
-      trainable, frozen, opt_state, batch, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+      recast(trainable), recast(frozen), recast(opt_state), batch,
+      jax.ShapeDtypeStruct((), jnp.int32)).compile()
   memory = compiled.memory_analysis()
   gradient_bytes = _shard_bytes(trainable, mesh, rules)
   # XLA's temporaries hold the gradients too; they are listed on their own line.
@@ -125,9 +139,26 @@ def make_plan(config, device="t4", devices=None):
       capacity=int(DEVICES[device]), device=device, devices=devices, batch_per_device=b)
 
 
+def _compile_dtype(device):
+  """dtype -> the dtype to compile the planned step with (see the module docstring)."""
+  def fn(dtype):
+    out = jnp.dtype(dtype)
+    if out == jnp.bfloat16 and device not in NO_BFLOAT16:
+      out = jnp.dtype(jnp.float16)
+    return out.name if isinstance(dtype, str) else out
+  return fn
+
+
+def _uses_bfloat16(config):
+  return "bfloat16" in (config.model.dtype, config.model.param_dtype, config.frozen_dtype)
+
+
 def suggestions(plan, config):
   """What to change when the plan does not fit, most effective first."""
   out = []
+  if plan.device in NO_BFLOAT16 and _uses_bfloat16(config):
+    out.append(f"float16 in place of bfloat16 (model.dtype, model.param_dtype, frozen_dtype): "
+               f"the {plan.device} has no bfloat16 arithmetic and XLA widens it to float32")
   if plan.activation_bytes > 0.25 * plan.total_bytes:
     if config.model.remat_policy in (None, "none"):
       out.append("--config.model.remat_policy=nothing_saveable (recompute activations)")

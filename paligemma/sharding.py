@@ -1,17 +1,33 @@
 """Device mesh, per-parameter sharding rules and batch sharding, from the config.
 
   config.mesh = [("data", -1)]            axis name -> size; one -1 takes the rest
-  config.sharding_rules = [(regex, rule)] first full match on the "/"-joined param name
+  config.sharding_rules = "fsdp_tp"       a preset name (PRESETS), or [(regex, rule)]:
+                                          first full match on the "/"-joined param name
   config.batch_axes = ["data"]            mesh axes the batch dimension is split over
 
 A rule is one op or a list of ops applied in order, each on the dimensions still free:
   "replicate"        a full copy on every device
   "fsdp" / "fsdp:AX" split the largest dimension divisible by the size of axis AX
                      (default "data"); replicated where none divides
-  "shard:DIM:AX"     split dimension DIM (negative counts from the end) over axis AX
+  "shard:DIM:AX"     split dimension DIM (negative counts from the end) over axis AX;
+                     raises if the mesh has no AX or DIM does not divide
+  "shard:DIM:AX?"    the same where possible, else a no-op: no AX in the mesh, or DIM
+                     not divisible (e.g. Gemma 2B's single kv head over 2 devices)
 Parameters no rule matches are replicated. Optimizer state follows its parameter.
-A "model" axis for tensor parallelism is one more mesh entry plus "shard:DIM:model"
-rules (e.g. heads); the batch stays on `batch_axes`.
+
+Presets (PRESETS):
+  "fsdp"       every parameter fsdp over "data" (ZeRO-3 style: weights all-gathered
+               layer by layer, gradients reduce-scattered)
+  "replicate"  pure data parallelism: every device a full copy
+  "fsdp_tp"    tensor parallelism over a "model" axis where config.mesh has one (Megatron
+               style: attention heads, kv heads, the mlp hidden dim, the vocabulary rows
+               of the tied embedding; the ViT's heads and mlp dim), then fsdp over
+               "data" on the largest remaining dimension. Without a "model" axis it is
+               exactly "fsdp".
+The batch of activations stays on `batch_axes` (replicated over "model"); XLA's sharding
+propagation splits the activations of tensor-parallel layers by heads / hidden units.
+In decoding the KV cache k, v float[L, B, S, K, H] is split B over `batch_axes` and K over
+"model", each only where divisible (`kv_cache_shardings`).
 """
 
 import os
@@ -22,8 +38,31 @@ from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# Environment variables that mean "this process is one of several".
-_MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+# Environment variables that mean "this process is one of several". (Cloud TPU VMs
+# show it only through the metadata server: run pods with --config.distributed=True.)
+_MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS",)
+
+# Tensor-parallel dimensions, as negative indices so that stacked (scan, leading layer
+# axis) and per-layer (`layers_3`, `encoderblock_3`) trees share the rules.
+_LLM = r"llm/layers(_\d+)?/"
+_VIT = r"img/Transformer/encoderblock(_\d+)?/"
+_TENSOR_PARALLEL = [
+    (r"llm/embedder/input_embedding", "shard:0:model?"),          # [V, D]: vocab rows
+    (_LLM + r"attn/(q_einsum|qkv_einsum|kv_einsum)/w", "shard:-3:model?"),  # [.., N|K, D, H]
+    (_LLM + r"attn/attn_vec_einsum/w", "shard:-3:model?"),         # [N, H, D]
+    (_LLM + r"mlp/gating_einsum", "shard:-1:model?"),              # [2, D, F]
+    (_LLM + r"mlp/linear", "shard:-2:model?"),                     # [F, D]
+    (_VIT + r"MultiHeadDotProductAttention_0/(query|key|value)/kernel", "shard:-2:model?"),
+    (_VIT + r"MultiHeadDotProductAttention_0/(query|key|value)/bias", "shard:-2:model?"),
+    (_VIT + r"MultiHeadDotProductAttention_0/out/kernel", "shard:-3:model?"),  # [heads, hd, D]
+    (_VIT + r"MlpBlock_0/Dense_0/(kernel|bias)", "shard:-1:model?"),  # [D, M], [M]
+    (_VIT + r"MlpBlock_0/Dense_1/kernel", "shard:-2:model?"),         # [M, D]
+]
+PRESETS = {
+    "fsdp": [(".*", "fsdp")],
+    "replicate": [(".*", "replicate")],
+    "fsdp_tp": [(pattern, [op, "fsdp"]) for pattern, op in _TENSOR_PARALLEL] + [(".*", "fsdp")],
+}
 
 
 def _env_int(name):
@@ -35,7 +74,7 @@ def _env_int(name):
 
 def started_as_one_of_many():
   """True when the environment says several processes run this program together."""
-  if any(os.environ.get(k) for k in _MULTI_PROCESS_ENV):
+  if any(os.environ.get(k) for k in _MULTI_PROCESS_ENV) or _env_int("JAX_NUM_PROCESSES") > 1:
     return True
   if _env_int("SLURM_NTASKS") > 1 or _env_int("OMPI_COMM_WORLD_SIZE") > 1:
     return True
@@ -44,14 +83,23 @@ def started_as_one_of_many():
 
 
 def initialize_distributed(mode="auto"):
-  """Calls jax.distributed.initialize() where needed (mode "auto"), always (True) or never.
+  """Calls jax.distributed.initialize() where needed (mode "auto"), always (True) or never
+  (False); returns whether it did. Must run before any other JAX call.
 
-  Must run before any other JAX call. JAX reads the coordinator, process count and id
-  from the cluster environment (TPU pods, SLURM, Open MPI) or from
-  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+  JAX reads the coordinator, process count and id from the cluster environment (Cloud
+  TPU pods, SLURM, Open MPI, Kubernetes) or from JAX_COORDINATOR_ADDRESS (host:port of
+  process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID (any cluster, or one machine).
   """
-  if mode is False or mode == "never" or (mode == "auto" and not started_as_one_of_many()):
+  if isinstance(mode, str):  # From the command line: "auto", "True", "false", ...
+    words = {"auto": "auto", "true": True, "always": True, "1": True, "false": False,
+             "never": False, "0": False}
+    if mode.lower() not in words:
+      raise ValueError(f"config.distributed={mode!r}; valid: 'auto', True, False.")
+    mode = words[mode.lower()]
+  if not mode or (mode == "auto" and not started_as_one_of_many()):
     return False
+  if jax.distributed.is_initialized():
+    return True
   kwargs = {}
   if os.environ.get("JAX_NUM_PROCESSES"):
     kwargs = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
@@ -90,10 +138,24 @@ def _ops(rule):
   return [rule] if isinstance(rule, str) else list(rule)
 
 
+def resolve_rules(rules):
+  """[(regex, rule)] from a preset name (PRESETS) or a list of (regex, rule) pairs."""
+  if isinstance(rules, str):
+    if rules not in PRESETS:
+      raise ValueError(f"config.sharding_rules {rules!r} is not a preset; use one of "
+                       f"{sorted(PRESETS)} or a list of (regex, rule) pairs.")
+    return PRESETS[rules]
+  rules = list(rules)
+  for item in rules:
+    if len(item) != 2:
+      raise ValueError(f"config.sharding_rules entry {item!r} must be a (regex, rule) pair.")
+  return rules
+
+
 def spec_for(mesh, rules, name, shape):
   """PartitionSpec of one parameter (see the module docstring for the rules)."""
   rule = "replicate"
-  for pattern, r in rules:
+  for pattern, r in resolve_rules(rules):
     if re.fullmatch(pattern, name):
       rule = r
       break
@@ -106,18 +168,27 @@ def spec_for(mesh, rules, name, shape):
       axis = args[0] if args else "data"
       size = _axis_size(mesh, axis, name)
       free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % size == 0]
-      if size > 1 and free:
+      if size > 1 and free and axis not in spec:
         spec[max(free, key=lambda d: (shape[d], -d))] = axis
-    elif kind == "shard" and len(args) == 2:
+    elif kind == "shard" and len(args) == 2 and args[0].lstrip("-").isdigit():
       dim, axis = int(args[0]), args[1]
+      optional = axis.endswith("?")
+      axis = axis.rstrip("?")
+      if optional and axis not in mesh.shape:
+        continue
       size = _axis_size(mesh, axis, name)
-      if not -len(shape) <= dim < len(shape) or shape[dim] % size:
+      fits = -len(shape) <= dim < len(shape) and shape[dim] % size == 0
+      if fits and spec[dim] is None and axis not in spec:
+        spec[dim] = axis
+      elif not optional:
         raise ValueError(f"Sharding rule {op!r} for {name} {tuple(shape)}: dimension {dim} "
-                         f"does not exist or is not divisible by the {size} devices of {axis!r}.")
-      spec[dim] = axis
+                         f"does not exist, is taken, or is not divisible by the {size} "
+                         f"devices of {axis!r}; write {op + '?'!r} to skip it where it "
+                         "does not fit.")
     else:
       raise ValueError(f"Unknown sharding rule {op!r} for {name} in config.sharding_rules; valid:"
-                       " 'replicate', 'fsdp', 'fsdp:AXIS', 'shard:DIM:AXIS' or a list of them.")
+                       " 'replicate', 'fsdp', 'fsdp:AXIS', 'shard:DIM:AXIS', 'shard:DIM:AXIS?'"
+                       " or a list of them.")
   return P(*spec)
 
 
@@ -137,15 +208,82 @@ def replicated(mesh):
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh, batch_axes=("data",)):
-  """Sharding of arrays whose leading dimension is the (global) batch."""
-  axes = tuple(batch_axes)
+def batch_sharding(mesh, batch_axes=("data",), batch_size=None):
+  """Sharding of arrays whose leading dimension is the (global) batch; checks that
+  `batch_size` (if given) splits evenly over the batch axes."""
+  axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
   missing = [a for a in axes if a not in mesh.shape]
   if missing:
     raise ValueError(f"config.batch_axes {list(axes)} names axes not in config.mesh: {missing}.")
+  devices = int(np.prod([mesh.shape[a] for a in axes]))
+  if batch_size is not None and batch_size % devices:
+    raise ValueError(f"config.input.batch_size {batch_size} must be a multiple of the {devices} "
+                     f"devices of config.batch_axes {list(axes)} (mesh {dict(mesh.shape)}).")
   return NamedSharding(mesh, P(axes))
 
 
 def global_batch(local_batch, sharding):
   """Global jax.Arrays from this process's numpy batch (each process holds its rows)."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def _fitting_axes(mesh, axes, size):
+  """The longest prefix of `axes` (those in the mesh) whose device count divides `size`."""
+  axes = [a for a in ([axes] if isinstance(axes, str) else axes) if a in mesh.shape]
+  while axes and size % int(np.prod([mesh.shape[a] for a in axes])):
+    axes.pop()
+  return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def batch_spec(mesh, batch_axes, shape, batch_dim=0):
+  """PartitionSpec splitting `batch_dim` over `batch_axes` where divisible, else replicated."""
+  spec = [None] * len(shape)
+  if shape:
+    spec[batch_dim] = _fitting_axes(mesh, batch_axes, shape[batch_dim])
+  return P(*spec)
+
+
+def kv_cache_specs(mesh, cache, batch_axes=("data",), model_axis="model"):
+  """{key: PartitionSpec} of a decode cache (paligemma.models.paligemma.Model.prefill).
+
+  k, v float[L, B, S, K, H]: B over `batch_axes`, K (kv heads) over `model_axis`;
+  pos, valid [B, S] and seq_len [B]: B over `batch_axes`; index: replicated. A dimension
+  that does not divide (one kv head, a batch of 3) stays replicated over that axis.
+  """
+  out = {}
+  for key, x in cache.items():
+    shape = tuple(x.shape)
+    if key in ("k", "v"):
+      spec = list(batch_spec(mesh, batch_axes, shape, batch_dim=1))
+      spec[3] = _fitting_axes(mesh, [model_axis], shape[3])
+      out[key] = P(*spec)
+    else:
+      out[key] = batch_spec(mesh, batch_axes, shape)
+  return out
+
+
+def kv_cache_shardings(mesh, cache, batch_axes=("data",), model_axis="model"):
+  """{key: NamedSharding} of a decode cache (see `kv_cache_specs`)."""
+  return {k: NamedSharding(mesh, spec)
+          for k, spec in kv_cache_specs(mesh, cache, batch_axes, model_axis).items()}
+
+
+def constrain_batch(tree, mesh, batch_axes=("data",)):
+  """Inside jit: arrays of `tree` split on their leading (batch) dim where divisible."""
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, batch_spec(mesh, batch_axes, x.shape))), tree)
+
+
+def constrain_kv_cache(cache, mesh, batch_axes=("data",), model_axis="model"):
+  """Inside jit: the decode cache laid out by `kv_cache_shardings`."""
+  return jax.lax.with_sharding_constraint(
+      cache, kv_cache_shardings(mesh, cache, batch_axes, model_axis))
+
+
+def mesh_of(tree):
+  """The mesh of the first leaf of `tree` sharded over several devices, else None."""
+  for x in jax.tree.leaves(tree):
+    sh = getattr(x, "sharding", None)
+    if isinstance(sh, NamedSharding) and sh.mesh.size > 1:
+      return sh.mesh
+  return None

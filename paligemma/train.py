@@ -4,8 +4,10 @@ r"""Fine-tune PaliGemma from a transfer config.
   python -m paligemma.train --config transfers/flickr8k.py:directory=/data/flickr8k \
       --workdir /tmp/flickr --config.optim.lr=3e-5
 
-Running the same command in the same workdir resumes from the last checkpoint. The
-workdir ends up holding:
+Running the same command in the same workdir resumes from the last checkpoint. On
+several hosts every process runs the same command with the same (shared, e.g. gs://)
+workdir: see docs/multihost.md. The workdir ends up holding (process 0 writes all
+but the checkpoints, which every process writes its shards of):
 
   config.json         the config of the run (with `tokenizer`)
   checkpoints/<step>/ orbax checkpoints (paligemma/trainer/checkpoints.py)
@@ -17,6 +19,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -26,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
+import tensorflow as tf
 import tqdm
 
 from paligemma import checkpoint
@@ -117,8 +121,12 @@ def total_steps(config, num_examples):
   return max(1, int(math.ceil(config.total_epochs * steps_per_epoch)))
 
 
-def make_evaluators(config, model, tok):
-  """{name: evaluator} from config.evals (paligemma/evaluators), built once."""
+def make_evaluators(config, model, tok, data_sharding=None):
+  """{name: evaluator} from config.evals (paligemma/evaluators), built once.
+
+  data_sharding: of the batch arrays (the batch over `config.batch_axes`); each process
+  feeds its own rows of the global evaluation batch.
+  """
   if not config.evals:
     return {}
   try:
@@ -126,10 +134,21 @@ def make_evaluators(config, model, tok):
   except ImportError as e:
     raise ImportError(f"config.evals is set but paligemma.evaluators cannot be imported ({e}); "
                       "set --config.evals to an empty dict to train without evaluation.") from e
-  return {name: make_evaluator(ev.type, ev, model=model, tokenizer=tok,
-                               image_size=config.input.image_size,
-                               text_len=config.input.text_len)
-          for name, ev in config.evals.items()}
+  data_parallel = 1 if data_sharding is None else math.prod(
+      data_sharding.mesh.shape[a] for a in jax.tree.leaves(tuple(data_sharding.spec)))
+  out = {}
+  for name, ev in config.evals.items():
+    context = dict(model=model, tokenizer=tok, image_size=config.input.image_size,
+                   text_len=config.input.text_len,
+                   progress=config.progress and jax.process_index() == 0)
+    out[name] = make_evaluator(ev.type, ev, data_sharding=data_sharding, **context)
+    if out[name].batch_size % data_parallel:  # The evaluator may cap it at the source size.
+      if jax.process_count() > 1:
+        raise ValueError(f"config.evals.{name}.batch_size {out[name].batch_size} must be a "
+                         f"multiple of the {data_parallel} devices of config.batch_axes "
+                         f"{list(config.batch_axes)} when several processes feed it.")
+      out[name] = make_evaluator(ev.type, ev, **context)  # One process: unsharded batches.
+  return out
 
 
 def run_evals(evaluators, config, params, step, final):
@@ -143,31 +162,59 @@ def run_evals(evaluators, config, params, step, final):
 
 
 def save_json(path, obj):
+  """Writes JSON to a local path or a tf.io.gfile URL (gs://...), replacing atomically."""
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with tf.io.gfile.GFile(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+class _Gathered:
+  """A leaf sharded over several processes, gathered whole when numpy asks for it."""
+
+  def __init__(self, x):
+    self.x = x
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(self.x, tiled=True), dtype)
 
 
 def export(workdir, params, model_config, dtype):
-  """params.npz + model_config.json, written by process 0."""
+  """params.npz + model_config.json, written by process 0.
+
+  Leaf by leaf: with several processes each leaf is gathered from all of them as it is
+  written (the others take part in the same gathers, in the same order), so no host
+  holds more than one whole leaf beyond its shards.
+  """
+  flat = optim.flatten(params)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    params = multihost_utils.process_allgather(params, tiled=True)
-  if jax.process_index() == 0:
-    checkpoint.save_npz(jax.device_get(params), os.path.join(workdir, "params.npz"), dtype=dtype)
-    save_json(os.path.join(workdir, "model_config.json"), model_config)
+    flat = {k: _Gathered(v) for k, v in flat.items()}
+  if jax.process_index() != 0:
+    for v in flat.values():
+      np.asarray(v)
+    return
+  path = os.path.join(workdir, "params.npz")
+  if "://" in path:  # A bucket: written locally, then copied.
+    with tempfile.TemporaryDirectory() as tmp:
+      checkpoint.save_npz(flat, os.path.join(tmp, "params.npz"), dtype=dtype)
+      tf.io.gfile.copy(os.path.join(tmp, "params.npz"), path, overwrite=True)
+  else:
+    checkpoint.save_npz(flat, path, dtype=dtype)
+  save_json(os.path.join(workdir, "model_config.json"), model_config)
 
 
 def train(config, workdir):
   """Runs (or resumes) the training described by `config` in `workdir`; returns final metrics."""
   validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  tf.io.gfile.makedirs(workdir)  # A local path, or gs://... shared by every host.
   main_process = jax.process_index() == 0
   if main_process:
     save_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   mesh = sharding.make_mesh(config.mesh)
+  batch_sh = sharding.batch_sharding(mesh, config.batch_axes, config.input.batch_size)
   tok = tokenizer_lib.load_tokenizer(config.tokenizer)
   model = build_model(config)
   params, model_config = init_params(config, model, mesh)
@@ -194,14 +241,17 @@ def train(config, workdir):
   rep = sharding.replicated(mesh)
   opt_sh = optim.state_shardings(tx, trainable, param_sh, rep)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
-  rng = jax.random.key_data(jax.random.PRNGKey(config.seed))
+  # Host values placed on the whole mesh: with several processes orbax saves only
+  # global arrays (each process passes the same value).
+  rng = jax.device_put(np.asarray(jax.random.key_data(jax.random.PRNGKey(config.seed))), rep)
+  step_array = lambda step: jax.device_put(np.int32(step), rep)
 
   # Resume from the latest checkpoint, if any.
   ckpts = ckpt_lib.Checkpoints(workdir, config.ckpt_every, config.ckpt_keep)
   start = 0
   latest = ckpts.latest_step()
   if latest is not None:
-    state = dict(trainable=trainable, opt_state=opt_state, rng=rng, step=jnp.int32(0))
+    state = dict(trainable=trainable, opt_state=opt_state, rng=rng, step=step_array(0))
     state, meta = ckpts.restore(latest, ckpt_lib.abstract(state))
     if meta["batch_size"] != config.input.batch_size:
       raise ValueError(f"{ckpts.directory}/{latest} was trained with batch_size "
@@ -215,7 +265,6 @@ def train(config, workdir):
       source, tok, image_size=config.input.image_size, text_len=config.input.text_len,
       batch_size=config.input.batch_size, seed=config.input.seed, start_step=start,
       on_bad_image=config.input.on_bad_image)
-  batch_sh = sharding.batch_sharding(mesh, config.batch_axes)
 
   lr_fn = lr_fns[sorted(lr_fns)[0]]
   train_step = jax.jit(
@@ -223,12 +272,12 @@ def train(config, workdir):
                                accum_steps=config.optim.accum_steps),
       donate_argnums=(0, 2),
       out_shardings=(param_sh, opt_sh, rep))
-  evaluators = make_evaluators(config, model, tok)
+  evaluators = make_evaluators(config, model, tok, batch_sh)
   writer = metrics_lib.MetricsWriter(workdir, enabled=main_process,
                                      resume_step=start if latest is not None else None)
 
   def save(step):
-    state = dict(trainable=trainable, opt_state=opt_state, rng=rng, step=jnp.int32(step))
+    state = dict(trainable=trainable, opt_state=opt_state, rng=rng, step=step_array(step))
     meta = dict(step=step, examples_seen=step * config.input.batch_size,
                 batch_size=config.input.batch_size, data_seed=config.input.seed)
     ckpts.save(step, state, meta)
@@ -268,6 +317,8 @@ def train(config, workdir):
     if ckpts.due(step) or step == steps:
       save(step)
   bar.close()
+  # Stops the input threads now rather than during interpreter shutdown.
+  getattr(batches, "close", lambda: None)()
   writer.close()
   export(workdir, optim.merge(trainable, frozen), model_config, config.export_dtype)
   ckpts.close()
@@ -282,10 +333,17 @@ def main(argv):
   # Orbax logs every checkpoint step at INFO; keep the console for the progress bar.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  sharding.initialize_distributed(config.distributed)
+  distributed = sharding.initialize_distributed(config.distributed)
+  if jax.process_index() != 0 and not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.ERROR)  # Process 0 speaks for all.
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required (checkpoints, metrics and params go there).")
   train(config, _WORKDIR.value)
+  if distributed:
+    # All processes leave together (a barrier). Process 0 hosts the coordination
+    # service; a process still tearing down when it is gone aborts. (After an error
+    # there is no barrier: the others must not wait for a process that left.)
+    jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

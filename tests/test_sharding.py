@@ -1,5 +1,6 @@
-"""Mesh and per-parameter sharding rules (the 1 vs 4 device training check is in
-test_train.py)."""
+"""Mesh, per-parameter sharding rules, tensor-parallel presets, KV cache layout and the
+distributed switch (training and decoding on 8 devices: test_multidevice.py; two
+processes: test_multiprocess.py; 1 vs 4 devices: test_train.py)."""
 
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
@@ -34,6 +36,15 @@ def test_rules():
     spec("fsdp:expert", (8, 8))
   with pytest.raises(ValueError, match="not divisible"):
     spec("shard:0:model", (3, 8))
+  # "?": where it fits, else nothing (no such axis, or not divisible).
+  assert spec("shard:0:model?", (3, 8)) == P(None, None)
+  assert spec(["shard:0:model?", "fsdp"], (3, 8)) == P(None, "data")
+  assert spec("shard:0:expert?", (8, 8)) == P(None, None)
+  assert spec(["shard:-1:model?", "fsdp"], (16, 8)) == P("data", "model")
+  # An axis is used once per parameter.
+  assert spec(["fsdp", "fsdp"], (8, 8)) == P("data", None)
+  with pytest.raises(ValueError, match="not a preset"):
+    sharding.spec_for(mesh, "fsdp_typo", "x/w", (8,))
   # First matching rule wins; unmatched parameters are replicated.
   rules = [("img/.*", "replicate"), ("llm/.*", "fsdp")]
   assert sharding.spec_for(mesh, rules, "llm/w", (8,)) == P("data")
@@ -76,4 +87,121 @@ print("ok")
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
+  assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def _specs(mesh, model_config, rules="fsdp_tp"):
+  from paligemma.checkpoint import shapes  # pylint: disable=g-import-not-at-top
+  return {k: tuple(sharding.spec_for(mesh, rules, k, v))
+          for k, v in shapes.param_shapes(model_config).items()}
+
+
+@pytest.mark.parametrize("llm", ["gemma_2b", "gemma2_2b", "gemma2_27b"])
+def test_tensor_parallel_preset_on_released_shapes(llm):
+  """v4-32-like mesh (4 data x 4 model): heads, mlp and vocab over "model", fsdp after."""
+  mesh = FakeMesh(data=4, model=4)
+  specs = _specs(mesh, {"img": {"variant": "So400m/14"}, "llm": {"variant": llm}})
+  mlp = "llm/layers/mlp/"
+  assert specs[mlp + "gating_einsum"] == (None, None, "data", "model")      # [L, 2, D, F]
+  assert specs[mlp + "linear"] == (None, "model", "data")                   # [L, F, D]
+  assert specs["llm/layers/attn/attn_vec_einsum/w"] == (None, "model", None, "data")
+  assert specs["llm/embedder/input_embedding"] == ("model", "data")         # [V, D]
+  if llm == "gemma_2b":  # One kv head: replicated over "model", still fsdp.
+    assert specs["llm/layers/attn/kv_einsum/w"] == (None, None, None, "data", None)
+  else:
+    assert specs["llm/layers/attn/kv_einsum/w"] == (None, None, "model", "data", None)
+  assert specs["llm/layers/attn/q_einsum/w"] == (None, "model", "data", None)
+  vit = "img/Transformer/encoderblock/"
+  mha = vit + "MultiHeadDotProductAttention_0/"
+  assert specs[mha + "query/kernel"] == (None, "data", "model", None)       # [L, D, N, H]
+  assert specs[mha + "query/bias"] == (None, "model", "data")              # [L, N, H]
+  assert specs[mha + "out/kernel"] == (None, "model", None, "data")
+  assert specs[vit + "MlpBlock_0/Dense_0/kernel"] == (None, "data", "model")  # 4304 = 4 x 1076
+  assert specs[vit + "MlpBlock_0/Dense_1/kernel"] == (None, "model", "data")
+  assert specs["img/head/kernel"][1] == "data" or specs["img/head/kernel"][0] == "data"
+  # Everything is split at least once, except vectors no axis divides.
+  for name, spec in specs.items():
+    assert "data" in spec or "model" in spec or name.endswith(("bias", "scale")), name
+
+
+def test_tensor_parallel_preset_without_model_axis_is_fsdp():
+  mesh = FakeMesh(data=8)
+  config = {"img": {"variant": "So400m/14"}, "llm": {"variant": "gemma2_2b"}}
+  assert _specs(mesh, config, "fsdp_tp") == _specs(mesh, config, "fsdp")
+  assert set(_specs(mesh, config, "replicate").values()) <= {(None,) * n for n in range(6)}
+
+
+def test_tensor_parallel_rules_match_per_layer_names():
+  """Unstacked trees (`layers_3`, `encoderblock_3`) get the same split dimensions."""
+  mesh = FakeMesh(data=2, model=2)
+  for name, shape, want in [
+      ("llm/layers_3/attn/q_einsum/w", (8, 64, 16), ("model", "data", None)),
+      ("llm/layers_0/mlp/linear", (128, 64), ("model", "data")),
+      ("img/Transformer/encoderblock_5/MultiHeadDotProductAttention_0/out/kernel",
+       (4, 16, 64), ("model", None, "data")),
+  ]:
+    assert tuple(sharding.spec_for(mesh, "fsdp_tp", name, shape)) == want, name
+
+
+def test_kv_cache_specs_fall_back_where_not_divisible():
+  mesh = FakeMesh(data=4, model=2)
+  cache = lambda b, k: dict(k=np.zeros((2, b, 30, k, 16)), v=np.zeros((2, b, 30, k, 16)),
+                            pos=np.zeros((b, 30)), valid=np.zeros((b, 30)),
+                            seq_len=np.zeros((b,)), index=np.zeros(()))
+  specs = sharding.kv_cache_specs(mesh, cache(8, 2))
+  assert specs["k"] == P(None, "data", None, "model", None)
+  assert specs["pos"] == P("data", None) and specs["seq_len"] == P("data")
+  assert specs["index"] == P()
+  assert sharding.kv_cache_specs(mesh, cache(8, 1))["k"] == P(None, "data", None, None, None)
+  assert sharding.kv_cache_specs(mesh, cache(6, 2))["k"] == P(None, None, None, "model", None)
+  # Batch over two axes where both divide, else the first only, else replicated.
+  mesh = FakeMesh(replica=2, data=4)
+  axes = ("replica", "data")
+  assert sharding.batch_spec(mesh, axes, (16, 3)) == P(("replica", "data"), None)
+  assert sharding.batch_spec(mesh, axes, (6, 3)) == P("replica", None)
+  assert sharding.batch_spec(mesh, axes, (3, 3)) == P(None, None)
+
+
+def test_batch_must_split_over_the_batch_axes():
+  with pytest.raises(ValueError, match="batch_size 6 must be a multiple of the 4 devices"):
+    sharding.batch_sharding(FakeMesh(data=4, model=2), ["data"], batch_size=6)
+  with pytest.raises(ValueError, match="not in config.mesh"):
+    sharding.batch_sharding(FakeMesh(data=4), ["replica"])
+
+
+def test_distributed_modes(monkeypatch):
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+  monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+  monkeypatch.delenv("SLURM_NTASKS", raising=False)
+  monkeypatch.delenv("OMPI_COMM_WORLD_SIZE", raising=False)
+  monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+  assert sharding.initialize_distributed(False) is False
+  assert sharding.initialize_distributed("False") is False  # From the command line.
+  assert sharding.initialize_distributed("AUTO") is False     # Nothing says "several".
+  with pytest.raises(ValueError, match="config.distributed"):
+    sharding.initialize_distributed("sometimes")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  assert sharding.started_as_one_of_many()
+
+
+def test_config_takes_mesh_and_rules_from_the_command_line():
+  """--config.mesh='[("data", 4), ("model", 2)]' and --config.sharding_rules=fsdp parse."""
+  code = """
+import sys
+from absl import app
+from ml_collections import config_flags
+config = config_flags.DEFINE_config_file("config", None, "")
+def main(_):
+  c = config.value
+  assert c.mesh == [("data", 4), ("model", 2)], c.mesh
+  assert c.sharding_rules == "fsdp" and c.distributed is False, c
+  print("ok")
+app.run(main)
+"""
+  out = subprocess.run(
+      [sys.executable, "-c", code, "--config=transfers/shapes.py:evals=False",
+       "--config.mesh=[('data', 4), ('model', 2)]", "--config.sharding_rules=fsdp",
+       "--config.distributed=False"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+      text=True, timeout=120)
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

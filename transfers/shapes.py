@@ -23,10 +23,10 @@ def get_config(arg=None):
   c.input.batch_size = arg.batch_size
   c.input.data = dict(name="shapes", task=arg.task, num_examples=100_000, seed=0,
                       image_size=32)
-  c.total_steps = arg.steps or (1500 if detect else 600)
+  c.total_steps = arg.steps or (1500 if detect else 800)
 
   c.optim.name = "adam"
-  c.optim.lr = 3e-3
+  c.optim.lr = 1e-3
   c.optim.wd = 1e-4
   c.optim.schedule = dict(decay="cosine", warmup_percent=0.05)
   c.schedule = "full"

@@ -97,6 +97,18 @@ class Model(nn.Module):
       mask, local = jnp.pad(mask, pad), jnp.pad(local, pad)
     return mask, local, pos
 
+  @property
+  def final_logits_softcap(self):
+    """The cap of the output logits (None or 0: none), as `logits` applies it."""
+    return variants.resolve_gemma(self.llm)["final_logits_softcap"]
+
+  def _forward(self, image, text, mask_ar, mask_input):
+    """float[B, N + T, D]: the final-normed LLM output over image and text tokens."""
+    x, full_ar, full_input = self._embed_sequence(image, text, mask_ar, mask_input)
+    mask, local, pos = self._masks(full_ar, full_input)
+    x, _ = self._llm(x, pos, mask, local)
+    return x
+
   def __call__(self, image, text, mask_ar, mask_input=None, train=False):
     """Prefix-LM forward pass.
 
@@ -105,12 +117,17 @@ class Model(nn.Module):
     Returns (logits float32[B, T, V] at the text positions, aux dict).
     """
     del train  # No dropout in PaliGemma; kept for a uniform training signature.
-    x, full_ar, full_input = self._embed_sequence(image, text, mask_ar, mask_input)
-    mask, local, pos = self._masks(full_ar, full_input)
-    x, _ = self._llm(x, pos, mask, local)
+    x = self._forward(image, text, mask_ar, mask_input)
     n = self.num_image_tokens
     text_out = x[:, n:]
     return self._llm.logits(text_out), {"img/zimg": x[:, :n], "llm/pre_logits": text_out}
+
+  def text_features(self, image, text, mask_ar, mask_input=None):
+    """float[B, T, D]: what the output layer reads at the text positions (`__call__`'s
+    logits are these times `llm/embedder/input_embedding`, soft-capped). The trainer
+    applies the output layer inside its loss (trainer/loss.py), which can then skip
+    positions outside the loss and split the vocabulary."""
+    return self._forward(image, text, mask_ar, mask_input)[:, self.num_image_tokens:]
 
   def prefill(self, image, text, mask_ar, mask_input, cache_size):
     """Fills a KV cache of `cache_size` slots with image + prompt.

@@ -9,6 +9,13 @@ the seed, or `model_init`) exactly as in the first run.
 Orbax writes each checkpoint into a temporary directory and renames it when complete,
 so a process killed mid-write leaves the previous checkpoints intact; leftovers are
 removed at the next start (`cleanup_tmp_directories`).
+
+Several processes (jax.distributed): every process calls save and restore with the
+same directory, which all of them must see (a gs:// bucket or a shared filesystem).
+Each writes the shards its devices hold (one copy of replicated ones); process 0
+writes the metadata and `meta`, and commits the step once all are done. A restore
+reads into the shardings of `abstract_state`, whatever mesh, device count or process
+count wrote the checkpoint.
 """
 
 import os
@@ -21,7 +28,9 @@ class Checkpoints:
   """Save every `every` steps (and on demand), keep the last `keep`, restore the latest."""
 
   def __init__(self, workdir, every, keep):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = os.path.join(str(workdir), "checkpoints")
+    if "://" not in self.directory:  # gs://... stays a URL; orbax writes buckets itself.
+      self.directory = os.path.abspath(self.directory)
     self.every = int(every or 0)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, cleanup_tmp_directories=True,

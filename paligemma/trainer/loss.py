@@ -1,20 +1,258 @@
-"""The training loss (reference section 2): suffix tokens only, per-example mean first."""
+"""The training loss (reference section 2): suffix tokens only, per-example mean first.
+
+Axis letters: B batch, T text positions, N = B * T tokens, D width, V vocabulary,
+M tokens per chunk, C vocabulary rows per chunk.
+
+Token n of example b weighs mask_loss[b, n] / max(suffix length of b, 1) / B, so the
+weighted sum is the per-example mean over suffix tokens, then the batch mean; an
+example cut inside its prefix has no suffix token and contributes 0. The per-token
+cross-entropy is logsumexp(logits) - logits[target]; with label smoothing ls the target
+is (1 - ls) one-hot + ls uniform, i.e. logsumexp - (1 - ls) logits[target] - ls mean(logits).
+
+`suffix_loss` takes logits (evaluation). `suffix_loss_from_features` is what training
+uses: the tied output layer and the loss in one function with its own gradient. The
+output layer is the largest matmul of the model (V = 257,152) and its float32 logits are
+the largest activation (N * V * 4 bytes: 1.3 GB for batch 10 at text length 128), so:
+  - logits are only made for tokens that count: the weighted tokens are moved to the
+    front and processed M = 128 at a time, and chunks with none are skipped (prompts and
+    padding are most of a captioning batch);
+  - no log-probabilities are formed: the forward pass keeps one logsumexp per token, the
+    backward pass writes d loss / d logits = (softmax - target) * weight in one pass;
+  - recompute=False keeps the logits for the backward pass (fastest); recompute=True
+    makes them again in the backward pass, C embedding rows at a time, so that memory
+    is O(M * C) (one more matmul; the trainer uses it with model remat).
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
+from paligemma.models import layers
+
+# Tokens per chunk (M), and the bytes aimed at by one vocabulary chunk when recomputing.
+TOKEN_CHUNK = 128
+KEEP_P = True
+CHUNK_BYTES = 128 << 20
+
+
+def token_weights(mask_loss):
+  """float32[B, T]: each token's weight in the loss (see the module docstring)."""
+  mask = mask_loss.astype(jnp.float32)
+  return mask / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0) / mask.shape[0]
+
 
 def suffix_loss(logits, targets, mask_loss, label_smoothing=0.0):
-  """float32[] loss from logits float[B, T, V], targets int32[B, T], mask_loss int[B, T].
-
-  Cross-entropy averaged over each example's suffix tokens (mask_loss 1), then over the
-  batch. An example cut inside its prefix has no suffix token and contributes 0 (the
-  division is guarded). With label smoothing the target is (1 - ls) one-hot + ls uniform.
-  """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  """float32[] loss from logits float[B, T, V], targets int32[B, T], mask_loss int[B, T]."""
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  nll = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   if label_smoothing:
-    nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
-  mask = mask_loss.astype(jnp.float32)
-  per_example = jnp.sum(nll * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-  return jnp.mean(per_example)
+    nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse - jnp.mean(logits, axis=-1))
+  return jnp.sum(nll * token_weights(mask_loss))
+
+
+def suffix_loss_from_features(features, embedding, targets, mask_loss, *, dtype="float32",
+                              softcap=None, label_smoothing=0.0, recompute=False):
+  """float32[] loss of the logits `softcap(features @ embedding.T)`, as `suffix_loss`.
+
+  features float[B, T, D] (the final-normed LLM output, Model.text_features);
+  embedding float[V, D] (llm/embedder/input_embedding, any storage dtype); the matmuls run
+  in `dtype` with float32 accumulation, as Model.__call__'s output layer.
+  targets int32[B, T]; mask_loss int[B, T]. recompute: see the module docstring.
+  """
+  b, t, d = features.shape
+  weights = token_weights(mask_loss).reshape(b * t)
+  return _output_xent(features.reshape(b * t, d), embedding, targets.reshape(b * t), weights,
+                      jnp.dtype(dtype), softcap or None, float(label_smoothing),
+                      bool(recompute))
+
+
+# -- the custom gradient ---------------------------------------------------------------
+# x float[N, D], e float[V, D], t int32[N], w float32[N]; per chunk x_c float[M, D], ...
+
+
+def _logits(x, e, dtype, cap):
+  """float32[M, C], as Gemma's output layer: one matmul in `dtype`, then the soft-cap."""
+  z = jnp.einsum("MD,CD->MC", x.astype(dtype), e.astype(dtype),
+                 preferred_element_type=jnp.float32)
+  return layers.softcap(z, cap)
+
+
+def _target_logit(z, t, start):
+  """float32[M]: z[m, t[m] - start] where the target falls in this chunk, else 0."""
+  i = t - start
+  inside = (i >= 0) & (i < z.shape[1])
+  picked = jnp.take_along_axis(z, jnp.clip(i, 0, z.shape[1] - 1)[:, None], axis=1)[:, 0]
+  return jnp.where(inside, picked, 0.0)
+
+
+def _dlogits(z, lse, t, start, coef, vocab, ls, cap):
+  """d loss / d (pre-cap) logits of the rows `start`.. of the vocabulary: float32[M, C]."""
+  hit = (jnp.arange(z.shape[1])[None, :] + start) == t[:, None]
+  dz = jnp.exp(z - lse[:, None]) - jnp.where(hit, 1.0 - ls, 0.0)
+  if ls:
+    dz = dz - ls / vocab
+  dz = dz * coef[:, None]
+  if cap:
+    dz = dz * (1.0 - jnp.square(z / cap))  # d cap*tanh(u/cap) / du, from the capped z.
+  return dz
+
+
+def _vocab_chunks(vocab, rows):
+  """(number of whole chunks of `rows` from 0, start and size of the rest)."""
+  full = vocab // rows
+  return full, full * rows, vocab - full * rows
+
+
+def _vocab_rows(tokens, width, vocab):
+  """Embedding rows per vocabulary chunk when recomputing: the chunk's float32 logits
+  and its float32 cast of the embedding both within CHUNK_BYTES."""
+  return int(min(vocab, max(256, CHUNK_BYTES // (4 * max(tokens, width)))))
+
+
+def _chunk_stats(x, e, t, dtype, cap, ls, rows):
+  """(logsumexp, target logit, sum of logits, logits or None), float32[M] each.
+
+  rows None: one matmul over the vocabulary, logits returned; else an online logsumexp
+  over chunks of `rows` embedding rows, logits not kept.
+  """
+  if rows is None:
+    z = _logits(x, e, dtype, cap)
+    m = jnp.max(z, axis=1)
+    zsum = jnp.sum(z, axis=1) if ls else jnp.zeros_like(m)
+    if cap or not KEEP_P:
+      lse = m + jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=1))
+      return lse, _target_logit(z, t, 0), zsum, z
+    p = jnp.exp(z - m[:, None])
+    s = jnp.sum(p, axis=1)
+    return m + jnp.log(s), _target_logit(z, t, 0), zsum, (p, s)
+
+  def visit(carry, e_c, start):
+    m, s, tgt, zsum = carry
+    z = _logits(x, e_c, dtype, cap)
+    m_new = jnp.maximum(m, jnp.max(z, axis=1))
+    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+    zsum = zsum + jnp.sum(z, axis=1) if ls else zsum
+    return m_new, s, tgt + _target_logit(z, t, start), zsum
+
+  zeros = jnp.zeros(x.shape[:1], jnp.float32)
+  carry = (jnp.full(x.shape[:1], -jnp.inf, jnp.float32), zeros, zeros, zeros)
+  full, tail_start, tail = _vocab_chunks(e.shape[0], rows)
+  carry, _ = jax.lax.scan(
+      lambda c, i: (visit(c, jax.lax.dynamic_slice_in_dim(e, i * rows, rows), i * rows), None),
+      carry, jnp.arange(full))
+  if tail:
+    carry = visit(carry, e[tail_start:], tail_start)
+  m, s, tgt, zsum = carry
+  return m + jnp.log(s), tgt, zsum, None
+
+
+def _chunk_grads(x, e, t, lse, coef, z, de, dtype, cap, ls, rows):
+  """(dx float32[M, D], de + this chunk's d loss / d e float32[V, D]); de None: zeros."""
+  vocab = e.shape[0]
+
+  def grads(z, e_c, start):
+    dz = _dlogits(z, lse, t, start, coef, vocab, ls, cap).astype(dtype)
+    dx = jnp.einsum("MC,CD->MD", dz, e_c.astype(dtype), preferred_element_type=jnp.float32)
+    de = jnp.einsum("MC,MD->CD", dz, x.astype(dtype), preferred_element_type=jnp.float32)
+    return dx, de
+
+  if rows is None:
+    if isinstance(z, tuple):  # Kept exp(logits - max) and its row sums: no exp here.
+      p, s = z
+      hit = jnp.arange(vocab)[None, :] == t[:, None]
+      dz = p * (coef / s)[:, None] - jnp.where(hit, (1.0 - ls) * coef[:, None], 0.0)
+      if ls:
+        dz = dz - (ls / vocab) * coef[:, None]
+      dz = dz.astype(dtype)
+      dx = jnp.einsum("MC,CD->MD", dz, e.astype(dtype), preferred_element_type=jnp.float32)
+      de_c = jnp.einsum("MC,MD->CD", dz, x.astype(dtype), preferred_element_type=jnp.float32)
+    else:
+      dx, de_c = grads(z, e, 0)
+    return dx, de_c if de is None else de + de_c
+
+  def visit(carry, e_c, start):
+    dx, de = carry
+    dx_c, de_c = grads(_logits(x, e_c, dtype, cap), e_c, start)
+    de_c = de_c + jax.lax.dynamic_slice_in_dim(de, start, e_c.shape[0])
+    return dx + dx_c, jax.lax.dynamic_update_slice_in_dim(de, de_c, start, 0)
+
+  de = jnp.zeros(e.shape, jnp.float32) if de is None else de
+  carry = (jnp.zeros(x.shape, jnp.float32), de)
+  full, tail_start, tail = _vocab_chunks(vocab, rows)
+  carry, _ = jax.lax.scan(
+      lambda c, i: (visit(c, jax.lax.dynamic_slice_in_dim(e, i * rows, rows), i * rows), None),
+      carry, jnp.arange(full))
+  if tail:
+    carry = visit(carry, e[tail_start:], tail_start)
+  return carry
+
+
+def _per_token(lse, target_logit, logit_sum, vocab, ls):
+  """float32[M] cross-entropy (with label smoothing) from its three per-token sums."""
+  if not ls:
+    return lse - target_logit
+  return lse - (1.0 - ls) * target_logit - ls * logit_sum / vocab
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _output_xent(x, e, t, w, dtype, cap, ls, recompute):
+  return _output_xent_fwd(x, e, t, w, dtype, cap, ls, recompute)[0]
+
+
+def _output_xent_fwd(x, e, t, w, dtype, cap, ls, recompute):
+  n, d = x.shape
+  vocab = e.shape[0]
+  # Without recompute: one chunk of all tokens (one matmul; their logits are kept).
+  m = min(TOKEN_CHUNK, n) if recompute else n
+  chunks = -(-n // m)
+  order = None
+  if chunks > 1:  # Weighted tokens first (stable), padded to whole chunks with weight 0.
+    order = jnp.argsort(w == 0, stable=True)
+    pad = lambda a: jnp.pad(a[order], [(0, chunks * m - n)] + [(0, 0)] * (a.ndim - 1))
+    x, t, w = pad(x), pad(t), pad(w)
+  xs, ts, ws = x.reshape(chunks, m, d), t.reshape(chunks, m), w.reshape(chunks, m)
+  live = (jnp.count_nonzero(w) + m - 1) // m  # Chunks holding a weighted token.
+  rows = _vocab_rows(m, d, vocab) if recompute else None
+
+  def stats(x_c, t_c, w_c):
+    lse, tgt, zsum, z = _chunk_stats(x_c, e, t_c, dtype, cap, ls, rows)
+    return jnp.sum(w_c * _per_token(lse, tgt, zsum, vocab, ls)), lse, z
+
+  # The first chunk always (no zeros to start from); the others only where live.
+  first = stats(xs[0], ts[0], ws[0])
+
+  def body(_, chunk):  # (Only with recompute: there are no logits to keep.)
+    i, x_c, t_c, w_c = chunk
+    skip = lambda: (jnp.zeros([], jnp.float32), jnp.zeros((m,), jnp.float32))
+    return None, jax.lax.cond(i < live, lambda: stats(x_c, t_c, w_c)[:2], skip)
+
+  loss, lse = first[0], first[1][None]
+  if chunks > 1:
+    _, rest = jax.lax.scan(body, None, (jnp.arange(1, chunks), xs[1:], ts[1:], ws[1:]))
+    loss, lse = loss + jnp.sum(rest[0]), jnp.concatenate([lse, rest[1]])
+  return loss, (xs, e, ts, ws, order, live, lse, first[2])
+
+
+def _output_xent_bwd(dtype, cap, ls, recompute, res, g):
+  xs, e, ts, ws, order, live, lse, z = res
+  chunks, m, d = xs.shape
+  rows = _vocab_rows(m, d, e.shape[0]) if recompute else None
+  grads = lambda i, de, z=None: _chunk_grads(xs[i], e, ts[i], lse[i], ws[i] * g, z, de, dtype,
+                                             cap, ls, rows)
+  dx, de = grads(0, None, z)
+
+  def body(de, i):
+    skip = lambda de: (jnp.zeros((m, d), jnp.float32), de)
+    dx, de = jax.lax.cond(i < live, lambda de: grads(i, de), skip, de)
+    return de, dx
+
+  if chunks > 1:
+    de, dxs = jax.lax.scan(body, de, jnp.arange(1, chunks))
+    dx = jnp.concatenate([dx[None], dxs]).reshape(chunks * m, d)
+    dx = dx[jnp.argsort(order)]  # Back to the token order (and without the padding).
+  return dx.astype(xs.dtype), de.astype(e.dtype), None, None
+
+
+_output_xent.defvjp(_output_xent_fwd, _output_xent_bwd)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from paligemma import optim
+from paligemma.models import paligemma as model_lib
 from paligemma.trainer import loss as loss_lib
 
 
@@ -30,14 +31,21 @@ def make_train_step(model, tx, lr_fn, *, label_smoothing=0.0, accum_steps=1):
   """step(trainable, frozen, opt_state, batch, step) -> (trainable, opt_state, metrics).
 
   trainable / frozen: flat {name: array} (optim.partition); metrics: loss, lr, grad_norm.
+  The output layer runs inside the loss (loss.suffix_loss_from_features); when the model
+  rematerialises (model.remat_policy), so does the output layer: in the backward pass, in
+  vocabulary chunks, and only for the chunks of tokens that are in the loss.
   """
+  remat = model.remat_policy not in (None, "none")
 
   def loss_fn(trainable, frozen, batch):
     params = optim.merge(trainable, frozen)
     text, mask_ar = batch["text"], batch["mask_ar"]
-    logits, _ = model.apply({"params": params}, batch["image"], text[:, :-1], mask_ar[:, :-1],
-                            train=True)
-    return loss_lib.suffix_loss(logits, text[:, 1:], batch["mask_loss"][:, 1:], label_smoothing)
+    features = model.apply({"params": params}, batch["image"], text[:, :-1], mask_ar[:, :-1],
+                           method=model_lib.Model.text_features)
+    return loss_lib.suffix_loss_from_features(
+        features, params["llm"]["embedder"]["input_embedding"], text[:, 1:],
+        batch["mask_loss"][:, 1:], dtype=model.dtype, softcap=model.final_logits_softcap,
+        label_smoothing=label_smoothing, recompute=remat)
 
   grad_fn = jax.value_and_grad(loss_fn)
 
