@@ -124,6 +124,17 @@ def pretrained_model(checkpoint, image_size=224, dtype="float32", llm_variant=No
               dtype=dtype, param_dtype="float32", scan=True, remat_policy="none")
 
 
+def pretrained_config(checkpoint, tokenizer, image_size=224, dtype="float32"):
+  """base_config() set to fine-tune a released checkpoint at `image_size`: the model
+  (pretrained_model), `model_init`, the tokenizer and the input resolution."""
+  c = base_config()
+  c.tokenizer = tokenizer
+  c.model = pretrained_model(checkpoint, image_size=image_size, dtype=dtype)
+  c.model_init = checkpoint
+  c.input.image_size = image_size
+  return c
+
+
 def caption_evals(val_data, *, every, batch_size, max_decode_len):
   """Validation perplexity and captioning metrics (CIDEr, BLEU-4, ...) on `val_data`."""
   return {"val": perplexity_eval(val_data, every=every, batch_size=batch_size),

@@ -18,14 +18,10 @@ def get_config(arg=None):
       val_annotations="coco/annotations/instances_val2017.json", val_images="coco/val2017",
       tokenizer="paligemma_tokenizer.model",
       checkpoint="kaggle:google/paligemma-2/jax/paligemma2-3b-pt-448")
-  c = common.base_config()
-  c.tokenizer = arg.tokenizer
-  c.model = common.pretrained_model(arg.checkpoint, image_size=448, dtype="bfloat16")
-  c.model_init = arg.checkpoint
+  c = common.pretrained_config(arg.checkpoint, arg.tokenizer, image_size=448, dtype="bfloat16")
 
   c.input.data = dict(name="coco_detection", annotations=arg.annotations, images=arg.images,
                       shuffle_objects=True)
-  c.input.image_size = 448
   c.input.text_len = 128
   c.input.batch_size = 32
   c.total_epochs = 2

@@ -38,17 +38,12 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, checkpoint="kaggle:google/paligemma-2/jax/paligemma2-3b-pt-224",
                          data="data/train.jsonl", val="", tokenizer="paligemma_tokenizer.model",
                          steps=64)
-  c = common.base_config()
-  c.tokenizer = arg.tokenizer
-
   # Model: the released checkpoint at 224 px, float32 compute; layers recomputed in backward.
-  c.model = common.pretrained_model(arg.checkpoint, image_size=224)
+  c = common.pretrained_config(arg.checkpoint, arg.tokenizer, image_size=224)
   c.model.remat_policy = "nothing_saveable"
-  c.model_init = arg.checkpoint
 
   # Data: captions from a jsonl file.
   c.input.data = dict(name="jsonl", path=arg.data)
-  c.input.image_size = 224
   c.input.text_len = 128
   c.input.batch_size = 8
   c.total_steps = arg.steps

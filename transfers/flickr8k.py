@@ -29,15 +29,10 @@ def get_config(arg=None):
   arg = common.parse_arg(
       arg, directory="flickr8k", tokenizer="paligemma_tokenizer.model",
       checkpoint="kaggle:google/paligemma-2/jax/paligemma2-3b-pt-224")
-  c = common.base_config()
-  c.tokenizer = arg.tokenizer
-
-  c.model = common.pretrained_model(arg.checkpoint, image_size=224)
-  c.model_init = arg.checkpoint
+  c = common.pretrained_config(arg.checkpoint, arg.tokenizer, image_size=224)
 
   c.input.data = dict(name="flickr8k", directory=arg.directory, split="train",
                       train_size=1200, val_size=300)
-  c.input.image_size = 224
   c.input.text_len = 128
   c.input.batch_size = 10
   c.total_epochs = 10

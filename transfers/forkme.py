@@ -18,16 +18,12 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, train="data/train.jsonl", val="data/val.jsonl",
                          checkpoint="kaggle:google/paligemma-2/jax/paligemma2-3b-pt-224",
                          tokenizer="paligemma_tokenizer.model")
-  c = common.base_config()
-  c.tokenizer = arg.tokenizer
-
-  # Model: a released checkpoint (path, HF dir or kaggle: handle) at 224 px.
-  c.model = common.pretrained_model(arg.checkpoint, image_size=224)
-  c.model_init = arg.checkpoint
+  # Model: a released checkpoint (path, HF dir or kaggle: handle) at 224 px, its
+  # tokenizer, and the input resolution to match.
+  c = common.pretrained_config(arg.checkpoint, arg.tokenizer, image_size=224)
 
   # Data.
   c.input.data = dict(name="jsonl", path=arg.train)
-  c.input.image_size = 224
   c.input.text_len = 128
   c.input.batch_size = 32
   c.total_epochs = 15

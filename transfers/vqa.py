@@ -20,14 +20,10 @@ def get_config(arg=None):
       val_annotations="vqa/annotations_val.json", val_images="vqa/val2014",
       tokenizer="paligemma_tokenizer.model",
       checkpoint="kaggle:google/paligemma-2/jax/paligemma2-3b-pt-224")
-  c = common.base_config()
-  c.tokenizer = arg.tokenizer
-  c.model = common.pretrained_model(arg.checkpoint, image_size=224, dtype="bfloat16")
-  c.model_init = arg.checkpoint
+  c = common.pretrained_config(arg.checkpoint, arg.tokenizer, image_size=224, dtype="bfloat16")
 
   c.input.data = dict(name="vqa", questions=arg.questions, annotations=arg.annotations,
                       images=arg.images)
-  c.input.image_size = 224
   c.input.text_len = 64
   c.input.batch_size = 32
   c.total_epochs = 1
