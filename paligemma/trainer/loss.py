@@ -32,7 +32,6 @@ from paligemma.models import layers
 
 # Tokens per chunk (M), and the bytes aimed at by one vocabulary chunk when recomputing.
 TOKEN_CHUNK = 128
-KEEP_P = True
 CHUNK_BYTES = 128 << 20
 
 
@@ -121,7 +120,7 @@ def _chunk_stats(x, e, t, dtype, cap, ls, rows):
     z = _logits(x, e, dtype, cap)
     m = jnp.max(z, axis=1)
     zsum = jnp.sum(z, axis=1) if ls else jnp.zeros_like(m)
-    if cap or not KEEP_P:
+    if cap:  # The soft-cap's gradient needs the capped logits themselves.
       lse = m + jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=1))
       return lse, _target_logit(z, t, 0), zsum, z
     p = jnp.exp(z - m[:, None])
@@ -152,11 +151,14 @@ def _chunk_grads(x, e, t, lse, coef, z, de, dtype, cap, ls, rows):
   """(dx float32[M, D], de + this chunk's d loss / d e float32[V, D]); de None: zeros."""
   vocab = e.shape[0]
 
-  def grads(z, e_c, start):
-    dz = _dlogits(z, lse, t, start, coef, vocab, ls, cap).astype(dtype)
+  def backprop(dz, e_c):
+    dz = dz.astype(dtype)
     dx = jnp.einsum("MC,CD->MD", dz, e_c.astype(dtype), preferred_element_type=jnp.float32)
     de = jnp.einsum("MC,MD->CD", dz, x.astype(dtype), preferred_element_type=jnp.float32)
     return dx, de
+
+  def grads(z, e_c, start):
+    return backprop(_dlogits(z, lse, t, start, coef, vocab, ls, cap), e_c)
 
   if rows is None:
     if isinstance(z, tuple):  # Kept exp(logits - max) and its row sums: no exp here.
@@ -165,9 +167,7 @@ def _chunk_grads(x, e, t, lse, coef, z, de, dtype, cap, ls, rows):
       dz = p * (coef / s)[:, None] - jnp.where(hit, (1.0 - ls) * coef[:, None], 0.0)
       if ls:
         dz = dz - (ls / vocab) * coef[:, None]
-      dz = dz.astype(dtype)
-      dx = jnp.einsum("MC,CD->MD", dz, e.astype(dtype), preferred_element_type=jnp.float32)
-      de_c = jnp.einsum("MC,MD->CD", dz, x.astype(dtype), preferred_element_type=jnp.float32)
+      dx, de_c = backprop(dz, e)
     else:
       dx, de_c = grads(z, e, 0)
     return dx, de_c if de is None else de + de_c
