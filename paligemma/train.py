@@ -105,7 +105,7 @@ def init_params(config, model, mesh):
 
   rng = jax.random.PRNGKey(config.seed)
   shapes = optim.flatten(jax.eval_shape(init, rng))
-  out = optim.unflatten({k: place(tuple(k.split("/")), v.shape) for k, v in shapes.items()})
+  out = optim.unflatten(sharding.param_shardings(mesh, rules, shapes))
   # Created directly in their shards: a big model never sits whole on one device.
   params = jax.jit(init, out_shardings=out)(rng)
   model_config = {"img": variants.resolve_vit(dict(config.model.img)),
