@@ -8,7 +8,7 @@ comments dropped). Each must match exactly one rule below, or the test fails:
            redirected into the scratch folder; it must exit 0 and pass the rule's check
   ci       `.ci/run` runs it (the install and test commands): checked to be there verbatim
   fixture  needs the network; the test makes its result instead (named in `reason`)
-  mapped   run as written by another test (`mapped`: its file and the command in it)
+  mapped   run by another test (`mapped`: its file and the parts of the command in it)
   export   a variable the later commands use
 
 What stands in for the real things, in their real formats:
@@ -18,9 +18,11 @@ What stands in for the real things, in their real formats:
   paligemma_tokenizer.model   the repo's tiny tokenizer (its vocabulary fits the model)
   $FLICKR8K, $COCO            folders in the Kaggle / COCO layouts with a few JPEGs
   data/*.jsonl, cat.jpg       a few shapes images and JSON lines
+  /tmp/shapes                 the demo's workdir layout with random weights (the demo
+                              itself is run in full by tests/test_shapes_demo.py)
 The pretrained configs get `--config.model.{img,llm}.variant` overrides naming the tiny
-towers, 32 px images, 2 steps at batch 2. The benchmarks get their smallest arguments;
-train_step.py's `cpu-small` preset is shrunk through a sitecustomize module.
+towers, 32 px images, 2 steps at batch 2, small evaluation batches; the other benchmarks
+get their smallest arguments. `pytest -s` prints each command's CPU and wall seconds.
 """
 
 import concurrent.futures
@@ -101,8 +103,7 @@ class Rule:
   after: tuple = ()             # Names of rules whose commands must run first.
   check: object = None          # check(root, completed_process) for `run`.
   reason: str = ""              # For `fixture`: what the test makes in its place.
-  mapped: tuple = ()            # For `mapped`: (test file, the command as it runs it).
-  env: dict = dataclasses.field(default_factory=dict)
+  mapped: tuple = ()            # For `mapped`: (test file, *what it has of the command).
 
 
 RULES = [
@@ -165,12 +166,15 @@ RULES = [
          r"--dtype bfloat16", check=_stdout_has(r"^wrote .*\(hf\)", "pg2-hf/config.json")),
     Rule("plan", r"python -m paligemma\.plan --config transfers/colab_t4\.py --device t4",
          extra=TINY_TOWERS, check=_stdout_has(r"^fits: (yes|NO)")),
+    # tests/test_benchmarks.py runs these two with --quick (one timed repetition).
     Rule("bench train step", r"python benchmarks/train_step\.py --preset cpu-small "
-         r"--out results\.jsonl", extra=("--quick",), env={"PALIGEMMA_README_TINY_BENCH": "1"},
-         check=_stdout_has(r"ratio:", "results.jsonl")),
+         r"--out results\.jsonl", kind="mapped",
+         mapped=("tests/test_benchmarks.py", '_run("train_step.py"', '"--preset"', '"cpu-small"',
+                 '"--out"')),
     Rule("bench decode", r"python benchmarks/decode\.py --preset cpu-small --out results\.jsonl",
-         extra=("--quick",), env={"PALIGEMMA_README_TINY_BENCH": "1"},
-         check=_stdout_has(r"ratio", "results.jsonl")),
+         kind="mapped",
+         mapped=("tests/test_benchmarks.py", '_run("decode.py"', '"--preset"', '"cpu-small"',
+                 '"--out"')),
     Rule("bench input", r"python benchmarks/input_pipeline\.py",
          extra=("--steps", "2", "--warmup", "1", "--num_files", "4", "--batch_size", "2",
                 "--image_size", "32", "--text_len", "16"),
@@ -179,43 +183,6 @@ RULES = [
          extra=("--gb", "0.01", "--dir", "."), check=_stdout_has(r"peak RSS")),
 ]
 RULES_BY_NAME = {r.name: r for r in RULES}
-
-# Loaded by every Python process of the benchmark command (PYTHONPATH): shrinks the
-# `cpu-small` preset of benchmarks/common.py as that module is imported.
-SITECUSTOMIZE = r'''
-import importlib.machinery
-import os
-import sys
-
-# The model and sizes of `cpu-small`, shrunk (the real vocabulary: prompts use its ids).
-TINY = dict(
-    model=dict(img=dict(variant="mu/8", image_size=16),
-               llm=dict(variant="gemma_tiny", width=32, depth=1, mlp_dim=64, num_heads=2,
-                        num_kv_heads=1, head_dim=16, vocab_size=257_152)),
-    batch=2, text_len=8, prompt_len=4, decode_steps=2, steps=1)
-
-
-class _ShrinkPreset:
-  def find_spec(self, name, path=None, target=None):
-    if name != "common" or not os.environ.get("PALIGEMMA_README_TINY_BENCH"):
-      return None
-    spec = importlib.machinery.PathFinder.find_spec(name, path)
-    if spec is None or not spec.origin.endswith(os.path.join("benchmarks", "common.py")):
-      return None
-    run = spec.loader.exec_module
-
-    def exec_module(module):
-      run(module)
-      preset = module.PRESETS["cpu-small"]
-      preset.update({k: v for k, v in TINY.items() if k in preset})
-
-    spec.loader.exec_module = exec_module
-    return spec
-
-
-sys.meta_path.insert(0, _ShrinkPreset())
-'''
-
 
 # ----------------------------------------------------------------------- the README
 
@@ -279,9 +246,11 @@ def test_mapped_commands_are_run_by_their_test():
   for _, command in COMMANDS:
     rule = rule_for(command)
     if rule.kind == "mapped":
-      path, text = rule.mapped
+      path, *snippets = rule.mapped
       with open(os.path.join(REPO, path), encoding="utf-8") as f:
-        assert text in f.read(), f"{path} no longer runs the README's {command!r}"
+        text = f.read()
+      for snippet in snippets:
+        assert snippet in text, f"{path} no longer runs the README's {command!r}"
 
 
 def test_every_variable_is_defined():
@@ -309,6 +278,14 @@ def test_links_and_anchors_resolve():
     else:
       assert os.path.exists(os.path.join(REPO, target.split("#")[0])), \
           f"README links to missing file {target}"
+
+
+def test_every_transfer_config_is_listed():
+  with open(README, encoding="utf-8") as f:
+    text = f.read()
+  names = sorted(f for f in os.listdir(os.path.join(REPO, "transfers")) if f.endswith(".py"))
+  missing = [n for n in names if f"transfers/{n}" not in text]
+  assert not missing, f"transfer configs the README does not mention: {missing}"
 
 
 def test_config_keys_table_matches_base_config():
@@ -408,16 +385,12 @@ def _environment(root):
   bin_dir = os.path.join(root, "bin")
   os.makedirs(bin_dir)
   os.symlink(sys.executable, os.path.join(bin_dir, "python"))
-  site = os.path.join(root, "site")
-  os.makedirs(site)
-  with open(os.path.join(site, "sitecustomize.py"), "w") as f:
-    f.write(SITECUSTOMIZE)
   env = {k: v for k, v in os.environ.items()
          if k not in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_KERNEL_RUN_TYPE",
                       "COLAB_RELEASE_TAG", "XLA_FLAGS")}
   env.update(
       PATH=bin_dir + os.pathsep + env.get("PATH", ""),
-      PYTHONPATH=os.pathsep.join(p for p in (site, REPO, env.get("PYTHONPATH")) if p),
+      PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p),
       JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", CI="true",
       KAGGLEHUB_CACHE=os.path.join(root, "kagglehub"),
       KAGGLE_API_ENVIRONMENT="TEST",  # kagglehub talks to localhost:7777: refused.
@@ -465,7 +438,7 @@ def readme_runs(tmp_path_factory):
     start = time.perf_counter()
     with open(log + ".out", "w") as out, open(log + ".err", "w") as err:
       proc = subprocess.Popen(["bash", "-c", _bash(root, command, rule)], cwd=root,
-                              env={**env, **rule.env}, stdout=out, stderr=err)
+                              env=env, stdout=out, stderr=err)
       # Reaped here rather than by Popen, for the CPU time of the command's processes.
       while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)

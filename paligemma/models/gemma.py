@@ -121,7 +121,7 @@ class FeedForward(nn.Module):
                         self.param_dtype)
     linear = self.param("linear", fan_in_normal((0,)), (self.mlp_dim, d), self.param_dtype)
     dense = lambda x, w: layers.cast_einsum("...D,DF->...F", x, w, self.dtype)
-    h = nn.gelu(dense(x, gating[0]), approximate=True) * dense(x, gating[1])
+    h = layers.gelu_tanh(dense(x, gating[0])) * dense(x, gating[1])
     return dense(h, linear)
 
 

@@ -19,7 +19,7 @@ class MlpBlock(nn.Module):
   def __call__(self, x):
     """float[B, N, D] -> float[B, N, D]."""
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    h = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=True)
+    h = layers.gelu_tanh(dense(self.mlp_dim, "Dense_0")(x))
     return dense(x.shape[-1], "Dense_1")(h)
 
 

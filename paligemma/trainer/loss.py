@@ -12,15 +12,16 @@ is (1 - ls) one-hot + ls uniform, i.e. logsumexp - (1 - ls) logits[target] - ls 
 `suffix_loss` takes logits (evaluation). `suffix_loss_from_features` is what training
 uses: the tied output layer and the loss in one function with its own gradient. The
 output layer is the largest matmul of the model (V = 257,152) and its float32 logits are
-the largest activation (N * V * 4 bytes: 1.3 GB for batch 10 at text length 128), so:
-  - logits are only made for tokens that count: the weighted tokens are moved to the
-    front and processed M = 128 at a time, and chunks with none are skipped (prompts and
-    padding are most of a captioning batch);
-  - no log-probabilities are formed: the forward pass keeps one logsumexp per token, the
-    backward pass writes d loss / d logits = (softmax - target) * weight in one pass;
-  - recompute=False keeps the logits for the backward pass (fastest); recompute=True
-    makes them again in the backward pass, C embedding rows at a time, so that memory
-    is O(M * C) (one more matmul; the trainer uses it with model remat).
+the largest activation (N * V * 4 bytes: 1.3 GB for batch 10 at text length 128). No
+log-probabilities are formed: the forward pass keeps one logsumexp per token, and the
+backward pass writes d loss / d logits = (softmax - target) * weight in one pass. Then:
+  recompute=False  fastest, memory O(N * V): one matmul over all N tokens; exp(logits -
+                   max) is kept, so the backward pass needs no exp.
+  recompute=True   memory O(M * C): the weighted tokens are moved to the front and taken
+                   M = 128 at a time, chunks without any are skipped (prompts and padding
+                   are most of a captioning batch), and the vocabulary C embedding rows at
+                   a time; nothing of size V is kept, and the backward pass makes the
+                   logits again. The trainer uses it with model remat.
 """
 
 import functools
@@ -86,10 +87,11 @@ def _target_logit(z, t, start):
   return jnp.where(inside, picked, 0.0)
 
 
-def _dlogits(z, lse, t, start, coef, vocab, ls, cap):
-  """d loss / d (pre-cap) logits of the rows `start`.. of the vocabulary: float32[M, C]."""
-  hit = (jnp.arange(z.shape[1])[None, :] + start) == t[:, None]
-  dz = jnp.exp(z - lse[:, None]) - jnp.where(hit, 1.0 - ls, 0.0)
+def _dlogits(probs, t, start, coef, vocab, ls, cap, z):
+  """d loss / d (pre-cap) logits of vocabulary rows `start`.., float32[M, C], from the
+  softmax `probs` (and the capped logits z, whose cap's derivative needs them)."""
+  hit = (jnp.arange(probs.shape[1])[None, :] + start) == t[:, None]
+  dz = probs - jnp.where(hit, 1.0 - ls, 0.0)
   if ls:
     dz = dz - ls / vocab
   dz = dz * coef[:, None]
@@ -111,21 +113,19 @@ def _vocab_rows(tokens, width, vocab):
 
 
 def _chunk_stats(x, e, t, dtype, cap, ls, rows):
-  """(logsumexp, target logit, sum of logits, logits or None), float32[M] each.
+  """(logsumexp, target logit, sum of logits float32[M], kept for the backward pass).
 
-  rows None: one matmul over the vocabulary, logits returned; else an online logsumexp
-  over chunks of `rows` embedding rows, logits not kept.
+  rows None: one matmul over the vocabulary; kept: exp(logits - max) and its row sums
+  (the backward pass then needs no exp), or the logits when soft-capped. Else an online
+  logsumexp over chunks of `rows` embedding rows, nothing kept.
   """
   if rows is None:
     z = _logits(x, e, dtype, cap)
     m = jnp.max(z, axis=1)
-    zsum = jnp.sum(z, axis=1) if ls else jnp.zeros_like(m)
-    if cap:  # The soft-cap's gradient needs the capped logits themselves.
-      lse = m + jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=1))
-      return lse, _target_logit(z, t, 0), zsum, z
     p = jnp.exp(z - m[:, None])
     s = jnp.sum(p, axis=1)
-    return m + jnp.log(s), _target_logit(z, t, 0), zsum, (p, s)
+    zsum = jnp.sum(z, axis=1) if ls else jnp.zeros_like(s)
+    return m + jnp.log(s), _target_logit(z, t, 0), zsum, z if cap else (p, s)
 
   def visit(carry, e_c, start):
     m, s, tgt, zsum = carry
@@ -147,34 +147,30 @@ def _chunk_stats(x, e, t, dtype, cap, ls, rows):
   return m + jnp.log(s), tgt, zsum, None
 
 
-def _chunk_grads(x, e, t, lse, coef, z, de, dtype, cap, ls, rows):
-  """(dx float32[M, D], de + this chunk's d loss / d e float32[V, D]); de None: zeros."""
+def _chunk_grads(x, e, t, lse, coef, kept, de, dtype, cap, ls, rows):
+  """(dx float32[M, D], de + this chunk's d loss / d e float32[V, D]); de None: zeros.
+  kept: what _chunk_stats kept (rows None), else the logits are made again."""
   vocab = e.shape[0]
 
-  def backprop(dz, e_c):
-    dz = dz.astype(dtype)
+  def grads(probs, z, e_c, start):
+    dz = _dlogits(probs, t, start, coef, vocab, ls, cap, z).astype(dtype)
     dx = jnp.einsum("MC,CD->MD", dz, e_c.astype(dtype), preferred_element_type=jnp.float32)
     de = jnp.einsum("MC,MD->CD", dz, x.astype(dtype), preferred_element_type=jnp.float32)
     return dx, de
 
-  def grads(z, e_c, start):
-    return backprop(_dlogits(z, lse, t, start, coef, vocab, ls, cap), e_c)
-
+  softmax = lambda z: jnp.exp(z - lse[:, None])
   if rows is None:
-    if isinstance(z, tuple):  # Kept exp(logits - max) and its row sums: no exp here.
-      p, s = z
-      hit = jnp.arange(vocab)[None, :] == t[:, None]
-      dz = p * (coef / s)[:, None] - jnp.where(hit, (1.0 - ls) * coef[:, None], 0.0)
-      if ls:
-        dz = dz - (ls / vocab) * coef[:, None]
-      dx, de_c = backprop(dz, e)
+    if cap:
+      dx, de_c = grads(softmax(kept), kept, e, 0)
     else:
-      dx, de_c = grads(z, e, 0)
+      p, s = kept
+      dx, de_c = grads(p * (1.0 / s)[:, None], None, e, 0)
     return dx, de_c if de is None else de + de_c
 
   def visit(carry, e_c, start):
     dx, de = carry
-    dx_c, de_c = grads(_logits(x, e_c, dtype, cap), e_c, start)
+    z = _logits(x, e_c, dtype, cap)
+    dx_c, de_c = grads(softmax(z), z, e_c, start)
     de_c = de_c + jax.lax.dynamic_slice_in_dim(de, start, e_c.shape[0])
     return dx + dx_c, jax.lax.dynamic_update_slice_in_dim(de, de_c, start, 0)
 
@@ -204,7 +200,7 @@ def _output_xent(x, e, t, w, dtype, cap, ls, recompute):
 def _output_xent_fwd(x, e, t, w, dtype, cap, ls, recompute):
   n, d = x.shape
   vocab = e.shape[0]
-  # Without recompute: one chunk of all tokens (one matmul; their logits are kept).
+  # Without recompute: one chunk of all tokens (one matmul; what the backward needs kept).
   m = min(TOKEN_CHUNK, n) if recompute else n
   chunks = -(-n // m)
   order = None
@@ -217,13 +213,13 @@ def _output_xent_fwd(x, e, t, w, dtype, cap, ls, recompute):
   rows = _vocab_rows(m, d, vocab) if recompute else None
 
   def stats(x_c, t_c, w_c):
-    lse, tgt, zsum, z = _chunk_stats(x_c, e, t_c, dtype, cap, ls, rows)
-    return jnp.sum(w_c * _per_token(lse, tgt, zsum, vocab, ls)), lse, z
+    lse, tgt, zsum, kept = _chunk_stats(x_c, e, t_c, dtype, cap, ls, rows)
+    return jnp.sum(w_c * _per_token(lse, tgt, zsum, vocab, ls)), lse, kept
 
   # The first chunk always (no zeros to start from); the others only where live.
   first = stats(xs[0], ts[0], ws[0])
 
-  def body(_, chunk):  # (Only with recompute: there are no logits to keep.)
+  def body(_, chunk):  # (Only with recompute, which keeps nothing of size V.)
     i, x_c, t_c, w_c = chunk
     skip = lambda: (jnp.zeros([], jnp.float32), jnp.zeros((m,), jnp.float32))
     return None, jax.lax.cond(i < live, lambda: stats(x_c, t_c, w_c)[:2], skip)
@@ -236,12 +232,12 @@ def _output_xent_fwd(x, e, t, w, dtype, cap, ls, recompute):
 
 
 def _output_xent_bwd(dtype, cap, ls, recompute, res, g):
-  xs, e, ts, ws, order, live, lse, z = res
+  xs, e, ts, ws, order, live, lse, kept = res
   chunks, m, d = xs.shape
   rows = _vocab_rows(m, d, e.shape[0]) if recompute else None
-  grads = lambda i, de, z=None: _chunk_grads(xs[i], e, ts[i], lse[i], ws[i] * g, z, de, dtype,
-                                             cap, ls, rows)
-  dx, de = grads(0, None, z)
+  grads = lambda i, de, kept=None: _chunk_grads(xs[i], e, ts[i], lse[i], ws[i] * g, kept, de,
+                                                dtype, cap, ls, rows)
+  dx, de = grads(0, None, kept)
 
   def body(de, i):
     skip = lambda de: (jnp.zeros((m, d), jnp.float32), de)
