@@ -82,9 +82,24 @@ def build_model(config):
                          scan=config.model.scan, remat_policy=config.model.remat_policy)
 
 
+def param_dtypes(config):
+  """name -> dtype of each parameter: `frozen_dtype` for those config.schedule freezes
+  (when set), else model.param_dtype."""
+  groups = optim.groups_from_config(config.schedule, config.optim.schedule)
+
+  def dtype_for(name):
+    frozen = groups[optim.assign_groups([name], groups)[name]][1] is None
+    return config.frozen_dtype if frozen and config.frozen_dtype else config.model.param_dtype
+
+  return dtype_for
+
+
 def init_params(config, model, mesh):
-  """Nested params, each leaf placed with its sharding rule; random or from model_init."""
+  """Nested params, each leaf placed with its sharding rule and in its dtype
+  (param_dtypes); random or from model_init. No leaf is ever held in two dtypes: a
+  3B model's frozen float16 weights are loaded as float16, not as float32 then cast."""
   rules = config.sharding_rules
+  dtype_for = param_dtypes(config)
 
   def place(path, shape):
     name = "/".join(path)
@@ -93,7 +108,7 @@ def init_params(config, model, mesh):
   if config.model_init:
     params, model_config = checkpoint.load(
         config.model_init, config={"img": dict(config.model.img), "llm": dict(config.model.llm)},
-        dtype=config.model.param_dtype, sharding=place)
+        dtype=dtype_for, sharding=place)
     return params, model_config
   size = config.input.image_size
   text_len = config.input.text_len
@@ -101,7 +116,8 @@ def init_params(config, model, mesh):
   def init(rng):
     image = jnp.zeros((1, size, size, 3), jnp.float32)
     text = jnp.zeros((1, text_len), jnp.int32)
-    return model.init(rng, image, text, text)["params"]
+    params = optim.flatten(model.init(rng, image, text, text)["params"])
+    return optim.unflatten({k: v.astype(dtype_for(k)) for k, v in params.items()})
 
   rng = jax.random.PRNGKey(config.seed)
   shapes = optim.flatten(jax.eval_shape(init, rng))
@@ -231,8 +247,6 @@ def train(config, workdir):
   groups = optim.groups_from_config(config.schedule, config.optim.schedule)
   trainable, frozen = optim.partition(params, groups)
   del params
-  if config.frozen_dtype:
-    frozen = jax.tree.map(lambda x: x.astype(config.frozen_dtype), frozen)
 
   source = sources.make_source(config.input.data.to_dict())
   steps = total_steps(config, len(source))

@@ -202,6 +202,25 @@ def test_frozen_groups_bit_identical_and_stateless(tmp_path):
   assert not any(k.startswith("img/") for k in trainable)
 
 
+@pytest.mark.parametrize("from_checkpoint", [False, True])
+def test_frozen_leaves_are_made_in_frozen_dtype(tmp_path, from_checkpoint):
+  # Loaded (or initialised) straight in their own dtype: frozen float16, trainable float32.
+  config = shapes.get_config(ARG)
+  config.schedule, config.frozen_dtype = "attention_only", "float16"
+  reference = None
+  if from_checkpoint:
+    plain = shapes.get_config(ARG)
+    reference = _initial_params(plain)
+    train.checkpoint.save_npz(optim.unflatten(reference), str(tmp_path / "init.npz"))
+    config.model_init = str(tmp_path / "init.npz")
+  params = _initial_params(config)
+  for name, arr in params.items():
+    want = np.float32 if name.startswith("llm/layers/attn/") else np.float16
+    assert arr.dtype == want, (name, arr.dtype)
+    if reference is not None:
+      np.testing.assert_array_equal(arr, reference[name].astype(want), err_msg=name)
+
+
 def test_nan_in_data_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
   real = train.pipeline.make_train_input
 

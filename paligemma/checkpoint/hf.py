@@ -181,7 +181,8 @@ def describe(directory):
 
     first = layers[0][0]
     span = f"{first.name!r}" + (f" .. (x{len(layers)} layers)" if e.layered else "")
-    leaves[e.ours] = Leaf(ours[e.ours], first.dtype, read, f"{first.path}: tensor {span}")
+    leaves[e.ours] = Leaf(ours[e.ours], first.dtype, read, f"{first.path}: tensor {span}",
+                          partial=e.layered or e.ours == "llm/embedder/input_embedding")
   return Source(directory, "hf", leaves, config)
 
 

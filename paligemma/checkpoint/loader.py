@@ -94,22 +94,54 @@ def _sharding_for(sharding, path, shape):
   return sharding(path, shape)
 
 
-def _to_device(arr, dtype, sharding):
+# Rows of a leaf read at a time when it is read in pieces (cast or split into layers).
+PIECE_BYTES = 256 << 20
+
+
+def _read_as(leaf, read, shape, dtype, partial):
+  """The leaf as a host array of `dtype`.
+
+  Cast in pieces of rows where the reader reads just those rows (leaf.partial): the
+  host then holds the result and one piece, not the whole leaf in the file's dtype too.
+  """
+  if not shape:
+    return np.asarray(read(None, None)).astype(dtype)
+  if not partial or np.dtype(leaf.dtype) == dtype:
+    arr = read(0, shape[0])
+    if arr.dtype == dtype:
+      return arr
+    pieces = [(0, shape[0], arr)]
+  else:
+    row = max(1, int(np.prod(shape[1:])) * np.dtype(leaf.dtype).itemsize)
+    step = max(1, PIECE_BYTES // row)
+    pieces = ((i, min(shape[0], i + step), None) for i in range(0, shape[0], step))
+  out = aligned_empty(shape, dtype)
+  for start, stop, arr in pieces:
+    np.copyto(out[start:stop], read(start, stop) if arr is None else arr, casting="unsafe")
+  return out
+
+
+def _to_device(arr, sharding):
   """Host array -> jax.Array without holding the leaf twice where jax allows.
 
-  jax.device_put copies; with no sharding asked, jax adopts an aligned host buffer as is
-  through dlpack (numpy's dlpack has no bfloat16: those leaves are copied).
+  jax.device_put copies; on a CPU backend with no sharding asked, jax adopts an aligned
+  host buffer as is through dlpack (numpy's dlpack has no bfloat16: those are copied).
+  On an accelerator the leaf always goes to the default device (a dlpack array would be
+  a CPU array, and computations on it would run on the CPU).
   """
-  if arr.dtype != dtype:
-    out = aligned_empty(arr.shape, dtype)
-    np.copyto(out, arr, casting="unsafe")
-    arr = out
-  if sharding is None and arr.dtype != jnp.bfloat16 and arr.size:
+  if (sharding is None and arr.dtype != jnp.bfloat16 and arr.size
+      and jax.default_backend() == "cpu"):
     try:
       return jax.dlpack.from_dlpack(np.ascontiguousarray(arr), copy=False)
     except (ValueError, BufferError, RuntimeError):
       pass  # Unaligned or unsupported: fall back to a copy.
   return jax.device_put(arr, sharding)
+
+
+def _dtype_for(dtype, name, file_dtype):
+  if callable(dtype) and not isinstance(dtype, type):
+    dtype = dtype(name)
+  return np.dtype(file_dtype) if dtype is None else np.dtype(jnp.dtype(dtype))
 
 
 def load(source, *, config=None, dtype=None, sharding=None, stacked=True, progress=False):
@@ -118,7 +150,9 @@ def load(source, *, config=None, dtype=None, sharding=None, stacked=True, progre
   config: optional (partial) model_config; a different vocab_size trims / extends the
   embedding (adapt.resize_vocab), a different img image_size resamples pos_embedding;
   any other disagreement with the file raises CheckpointError.
-  dtype: cast every leaf (e.g. "bfloat16"); None keeps the file's dtype.
+  dtype: cast every leaf (e.g. "bfloat16"); None keeps the file's dtype; or a callable
+    name -> dtype | None per leaf ("llm/layers/attn/q_einsum/w"; e.g. frozen leaves in
+    float16, trainable ones in float32), so no leaf is ever held in two dtypes.
   sharding: a jax.sharding.Sharding, or callable(path_tuple, shape) -> Sharding.
   stacked: False returns per-layer names (`encoderblock_{i}`, `layers_{i}`).
   """
@@ -126,7 +160,6 @@ def load(source, *, config=None, dtype=None, sharding=None, stacked=True, progre
   model_config = merge_config(src.config, config)
   expected = shapes_lib.param_shapes(model_config)
   _check(src, expected)
-  cast = None if dtype is None else np.dtype(jnp.dtype(dtype))
   names = list(expected)
   if progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -143,17 +176,19 @@ def load(source, *, config=None, dtype=None, sharding=None, stacked=True, progre
       small = adapt.resize_posemb(leaf.read(), shape[1])
       read = lambda start, stop, small=small: small[start:stop]
     # (A trimmed vocabulary just reads fewer rows.)
-    out_dtype = cast if cast is not None else np.dtype(leaf.dtype)
+    partial = leaf.partial or read is not leaf.read  # (The adapted leaves are in memory.)
+    out_dtype = _dtype_for(dtype, name, leaf.dtype)
     split = None if stacked else tree.stacked_group(name)
     if split is None:
-      path = tuple(name.split("/"))
-      arr = read(0, shape[0]) if shape else read(None, None)
-      flat[name] = _to_device(arr, out_dtype, _sharding_for(sharding, path, shape))
-    else:
-      for i in range(shape[0]):
-        layer = tree.per_layer_name(split[0], i, split[1])
-        path = tuple(layer.split("/"))
-        flat[layer] = _to_device(np.ascontiguousarray(read(i, i + 1)[0]), out_dtype,
-                                 _sharding_for(sharding, path, shape[1:]))
-    arr = None
+      arr = _read_as(leaf, read, shape, out_dtype, partial)
+      flat[name] = _to_device(arr, _sharding_for(sharding, tuple(name.split("/")), shape))
+      continue
+    whole = None if partial else _read_as(leaf, read, shape, out_dtype, False)
+    for i in range(shape[0]):
+      layer = tree.per_layer_name(split[0], i, split[1])
+      arr = (whole[i] if whole is not None else
+             _read_as(leaf, lambda a, b, i=i: read(i + a, i + b), (1,) + shape[1:], out_dtype,
+                      True)[0])
+      flat[layer] = _to_device(np.ascontiguousarray(arr),
+                               _sharding_for(sharding, tuple(layer.split("/")), shape[1:]))
   return tree.unflatten(flat), model_config

@@ -149,7 +149,8 @@ def describe(path):
   for name, m in members.items():
     hit = tree.split_layer(name)
     if hit is None:
-      leaves[name] = Leaf(tuple(m.shape), m.dtype, m.read, f"{path}: key {m.info.filename!r}")
+      leaves[name] = Leaf(tuple(m.shape), m.dtype, m.read, f"{path}: key {m.info.filename!r}",
+                          partial=m.offset is not None and not m.fortran)
     else:
       stacked, i, rest = hit
       per_layer.setdefault(f"{stacked}/{rest}", {})[i] = m
@@ -164,7 +165,8 @@ def describe(path):
     leaves[name] = Leaf((len(ms),) + tuple(ms[0].shape), ms[0].dtype,
                         lambda start=None, stop=None, ms=ms: _stack(
                             [m.read for m in ms[start:stop]]),
-                        f"{path}: keys {ms[0].info.filename!r}..{ms[-1].info.filename!r}")
+                        f"{path}: keys {ms[0].info.filename!r}..{ms[-1].info.filename!r}",
+                        partial=True)
   try:
     config = shapes_lib.infer_config({n: l.shape for n, l in leaves.items()}, path)
   except KeyError as e:

@@ -21,12 +21,14 @@ class Leaf:
 
   `read(start=None, stop=None) -> np.ndarray`: rows [start:stop] along axis 0 (the
   layer axis of stacked leaves), all rows when None; a fresh array the caller owns.
-  `origin` names the file and its key(s), for error messages.
+  `origin` names the file and its key(s), for error messages. `partial`: read(start, stop)
+  reads only those rows (else it reads the whole leaf and slices, so read it once).
   """
   shape: tuple
   dtype: object
   read: Callable
   origin: str
+  partial: bool = False
 
 
 @dataclasses.dataclass

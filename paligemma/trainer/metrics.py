@@ -2,12 +2,16 @@
 
 metrics.jsonl holds one JSON object per logged step: {"step": 100, "train/loss": ...,
 "train/lr": ..., "<eval name>/<metric>": ...}. Events go to `{workdir}/tensorboard`
-(`tensorboard --logdir WORKDIR`). Only process 0 writes.
+(`tensorboard --logdir WORKDIR`). Only process 0 writes. Files go through tf.io.gfile,
+so a workdir may be a local path or a bucket (gs://...; appending to an object there
+re-uploads it, which is cheap at the size of a metrics file).
 """
 
 import json
 import math
 import os
+
+import tensorflow as tf
 
 
 class MetricsWriter:
@@ -21,9 +25,7 @@ class MetricsWriter:
       return
     self._truncate(resume_step)
     if tensorboard:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
       from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
-      self._tf = tf
       # tf.summary.scalar needs the tensorboard package; the core op with the scalars
       # plugin's metadata writes the same events without it.
       self._scalar_meta = summary_pb2.SummaryMetadata()
@@ -32,9 +34,9 @@ class MetricsWriter:
 
   def _truncate(self, resume_step):
     """Lines logged after the checkpoint we resume from are logged again by this run."""
-    if not os.path.exists(self.path):
+    if not tf.io.gfile.exists(self.path):
       return
-    with open(self.path) as f:
+    with tf.io.gfile.GFile(self.path) as f:
       lines = [l for l in f if l.strip()]
     keep = []
     for line in lines:
@@ -45,22 +47,22 @@ class MetricsWriter:
       if resume_step is not None and rec.get("step", 0) <= resume_step:
         keep.append(json.dumps(rec) + "\n")
     tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, self.path)
+    with tf.io.gfile.GFile(tmp, "w") as f:
+      f.write("".join(keep))
+    tf.io.gfile.rename(tmp, self.path, overwrite=True)
 
   def write(self, step, metrics):
     if not self.enabled:
       return
     rec = {"step": int(step)}
     rec.update({k: _jsonable(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
+    with tf.io.gfile.GFile(self.path, "a") as f:
       f.write(json.dumps(rec) + "\n")
     if self._tb is not None:
       with self._tb.as_default():
         for k, v in rec.items():
           if k != "step" and isinstance(v, (int, float)):
-            self._tf.summary.write(k, self._tf.constant(v, self._tf.float32), step=int(step),
+            tf.summary.write(k, tf.constant(v, tf.float32), step=int(step),
                                    metadata=self._scalar_meta)
       self._tb.flush()
 
@@ -76,5 +78,5 @@ def _jsonable(v):
 
 def read(workdir):
   """list[dict] of `{workdir}/metrics.jsonl` (for tests and notebooks)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+  with tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(l) for l in f if l.strip()]
