@@ -385,7 +385,12 @@ def _shapes_workdir(workdir):
 def _environment(root):
   bin_dir = os.path.join(root, "bin")
   os.makedirs(bin_dir)
-  os.symlink(sys.executable, os.path.join(bin_dir, "python"))
+  # A script, not a symlink: a venv's python found through a link elsewhere is the base
+  # interpreter without the venv's packages (pyvenv.cfg is looked up next to the link).
+  wrapper = os.path.join(bin_dir, "python")
+  with open(wrapper, "w") as f:
+    f.write(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  os.chmod(wrapper, 0o755)
   env = {k: v for k, v in os.environ.items()
          if k not in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_KERNEL_RUN_TYPE",
                       "COLAB_RELEASE_TAG", "XLA_FLAGS")}
