@@ -128,6 +128,36 @@ def test_greedy_equals_full_recompute(version):
     np.testing.assert_array_equal(alone["tokens"][0], out["tokens"][b], err_msg="batched vs alone")
 
 
+def test_transposed_output_head_gives_the_same_decode():
+  """From HEAD_MIN_ROWS rows up, CPU decoding reads the embedding transposed: the tokens
+  and log-probabilities are those of the plain output layer (batch 3, below the line)."""
+  assert len(LENGTHS) < decode.HEAD_MIN_ROWS <= 2 * len(LENGTHS)
+  _, params, batch = _setup(2)
+  head = decode.output_head(params)
+  np.testing.assert_array_equal(head, params["llm"]["embedder"]["input_embedding"].T)
+  assert decode.output_head(params) is head, "the transpose is made once per embedding"
+  twice = {k: np.concatenate([v, v]) for k, v in batch.items()}
+  plain, transposed = _run(2, "greedy"), _run(2, "greedy", twice)
+  for half in (transposed["tokens"][:3], transposed["tokens"][3:]):
+    np.testing.assert_array_equal(half, plain["tokens"])
+  np.testing.assert_allclose(transposed["logprobs"][:3], plain["logprobs"], atol=1e-5)
+
+
+def test_argmax_and_token_logprob():
+  """decode.argmax is jnp.argmax (first of tied maxima); token_logprob is log_softmax."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(5, 300)).astype(np.float32)
+  logits[1, [7, 200]] = 9.0  # A tie: the first index wins.
+  logits[2, :150] = -np.inf  # Masked entries.
+  logits[3] = 0.0  # All equal.
+  tokens = np.asarray(decode.argmax(jnp.asarray(logits)))
+  np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
+  assert tokens[1] == 7 and tokens[3] == 0
+  pick = rng.integers(150, 300, 5).astype(np.int32)
+  ref = np.asarray(jax.nn.log_softmax(logits.astype(np.float64), axis=-1))[np.arange(5), pick]
+  np.testing.assert_allclose(decode.token_logprob(jnp.asarray(logits), pick), ref, atol=1e-5)
+
+
 def test_beam_1_equals_greedy():
   greedy, beam = _run(2, "greedy"), _run(2, "beam(1)")
   np.testing.assert_array_equal(beam["tokens"], greedy["tokens"])

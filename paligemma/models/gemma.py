@@ -203,9 +203,10 @@ class Gemma(nn.Module):
     """int32[B, T] -> float[B, T, D], scaled by sqrt(D)."""
     return self.embedder.encode(tokens)
 
-  def logits(self, x):
-    """float[B, ..., D] (final-normed) -> float32[B, ..., V], tied embedding + soft-cap."""
-    return layers.softcap(self.embedder.decode(x), self.final_logits_softcap)
+  def logits(self, x, head=None):
+    """float[B, ..., D] (final-normed) -> float32[B, ..., V], tied embedding + soft-cap
+    (`head`: optional float[D, V], the embedding transposed; see Embedder.decode)."""
+    return layers.softcap(self.embedder.decode(x, head), self.final_logits_softcap)
 
   def is_local(self):
     """bool[L]: which layers use the sliding window (even ones, as transformers)."""
@@ -251,7 +252,12 @@ class Embedder(nn.Module):
     x = jnp.take(self.input_embedding, tokens, axis=0).astype(self.dtype)
     return x * jnp.sqrt(self.width).astype(self.dtype)
 
-  def decode(self, x):
+  def decode(self, x, head=None):
+    """float[..., D] -> float32[..., V]; `head` float[D, V], when given, is the embedding
+    transposed (the same numbers in the layout XLA's CPU dot reads fastest)."""
+    if head is not None:
+      return jnp.einsum("...D,DV->...V", x.astype(self.dtype), head.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
     return jnp.einsum("...D,VD->...V", x.astype(self.dtype),
                       self.input_embedding.astype(self.dtype),
                       preferred_element_type=jnp.float32)

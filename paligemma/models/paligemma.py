@@ -129,13 +129,15 @@ class Model(nn.Module):
     positions outside the loss and split the vocabulary."""
     return self._forward(image, text, mask_ar, mask_input)[:, self.num_image_tokens:]
 
-  def prefill(self, image, text, mask_ar, mask_input, cache_size):
+  def prefill(self, image, text, mask_ar, mask_input, cache_size, head=None):
     """Fills a KV cache of `cache_size` slots with image + prompt.
 
     Prompts are right-padded (mask_input 0 on pads). Returns (logits float32[B, V] of each
     prompt's last real token, cache).
     cache: k, v float[L, B, S, K, H]; pos int32[B, S]; valid bool[B, S];
     index int32[] (next slot, shared); seq_len int32[B] (next position of each example).
+    head: optional float[D, V], the embedding transposed, for the output layer
+    (decode.output_head: faster on CPU).
     """
     x, full_ar, full_input = self._embed_sequence(image, text, mask_ar, mask_input)
     b, t = x.shape[:2]
@@ -153,9 +155,9 @@ class Model(nn.Module):
     pad = [(0, 0), (0, cache_size - t)]
     cache = dict(k=k, v=v, pos=jnp.pad(pos, pad), valid=jnp.pad(full_input, pad).astype(bool),
                  index=jnp.asarray(t, jnp.int32), seq_len=seq_len)
-    return self._llm.logits(last), cache
+    return self._llm.logits(last, head), cache
 
-  def extend(self, tokens, cache):
+  def extend(self, tokens, cache, head=None):
     """Appends one token per example: int32[B] -> (logits float32[B, V], cache)."""
     index, seq_len = cache["index"], cache["seq_len"]
     valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones_like(seq_len, bool)[:, None],
@@ -167,4 +169,4 @@ class Model(nn.Module):
     x = self._llm.embed(tokens[:, None])
     x, (k, v) = self._llm(x, seq_len[:, None], mask, local, (cache["k"], cache["v"]), index)
     cache = dict(k=k, v=v, pos=pos, valid=valid, index=index + 1, seq_len=seq_len + 1)
-    return self._llm.logits(x[:, 0]), cache
+    return self._llm.logits(x[:, 0], head), cache
