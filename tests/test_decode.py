@@ -143,18 +143,21 @@ def test_transposed_output_head_gives_the_same_decode():
   np.testing.assert_allclose(transposed["logprobs"][:3], plain["logprobs"], atol=1e-5)
 
 
-def test_argmax_and_token_logprob():
+@pytest.mark.parametrize("vocab", [320, 328, 301])  # Blocks of 32, of 8, none.
+def test_argmax_and_token_logprob(vocab):
   """decode.argmax is jnp.argmax (first of tied maxima); token_logprob is log_softmax."""
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(5, 300)).astype(np.float32)
-  logits[1, [7, 200]] = 9.0  # A tie: the first index wins.
-  logits[2, :150] = -np.inf  # Masked entries.
-  logits[3] = 0.0  # All equal.
+  rng = np.random.default_rng(vocab)
+  logits = rng.normal(size=(6, vocab)).astype(np.float32)
+  logits[1, [7, 200]] = 9.0  # Tied, in different blocks: the first wins.
+  logits[2, [41, 40]] = 9.0  # Tied within one block.
+  logits[3, :150] = -np.inf  # Masked entries.
+  logits[4] = 0.0  # All equal.
+  logits[5, vocab - 1] = 9.0  # The very last one.
   tokens = np.asarray(decode.argmax(jnp.asarray(logits)))
   np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
-  assert tokens[1] == 7 and tokens[3] == 0
-  pick = rng.integers(150, 300, 5).astype(np.int32)
-  ref = np.asarray(jax.nn.log_softmax(logits.astype(np.float64), axis=-1))[np.arange(5), pick]
+  assert tokens.tolist()[1:3] == [7, 40] and tokens[4] == 0 and tokens[5] == vocab - 1
+  pick = rng.integers(150, vocab, 6).astype(np.int32)
+  ref = np.asarray(jax.nn.log_softmax(logits.astype(np.float64), axis=-1))[np.arange(6), pick]
   np.testing.assert_allclose(decode.token_logprob(jnp.asarray(logits), pick), ref, atol=1e-5)
 
 
