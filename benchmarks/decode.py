@@ -66,8 +66,7 @@ def ours(preset, weights):
   for b in BATCH_SIZES:
     batch = {k: jax.device_put(v) for k, v in _inputs(preset, b).items()}
     cache_size = model.num_image_tokens + batch["text"].shape[1] + steps
-    # The head the decoder uses at this batch (decode.output_head: on CPU, b >= 4).
-    head = decode.output_head(params) if b >= decode.HEAD_MIN_ROWS else None
+    head = decode.output_head(params, b)  # What the decoder uses at this batch.
     prefill = jax.jit(lambda p, x, c=cache_size, h=head: model.apply(
         {"params": p}, x["image"], x["text"], x["mask_ar"], x["mask_input"], c, h,
         method=Model.prefill))

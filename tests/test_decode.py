@@ -133,9 +133,9 @@ def test_transposed_output_head_gives_the_same_decode():
   and log-probabilities are those of the plain output layer (batch 3, below the line)."""
   assert len(LENGTHS) < decode.HEAD_MIN_ROWS <= 2 * len(LENGTHS)
   _, params, batch = _setup(2)
-  head = decode.output_head(params)
+  head = decode.output_head(params, 2 * len(LENGTHS))
   np.testing.assert_array_equal(head, params["llm"]["embedder"]["input_embedding"].T)
-  assert decode.output_head(params) is head, "the transpose is made once per embedding"
+  assert decode.output_head(params, 2 * len(LENGTHS)) is head, "made once per embedding"
   twice = {k: np.concatenate([v, v]) for k, v in batch.items()}
   plain, transposed = _run(2, "greedy"), _run(2, "greedy", twice)
   for half in (transposed["tokens"][:3], transposed["tokens"][3:]):

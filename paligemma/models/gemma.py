@@ -255,9 +255,6 @@ class Embedder(nn.Module):
   def decode(self, x, head=None):
     """float[..., D] -> float32[..., V]; `head` float[D, V], when given, is the embedding
     transposed (the same numbers in the layout XLA's CPU dot reads fastest)."""
-    if head is not None:
-      return jnp.einsum("...D,DV->...V", x.astype(self.dtype), head.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
-    return jnp.einsum("...D,VD->...V", x.astype(self.dtype),
-                      self.input_embedding.astype(self.dtype),
+    eqn, w = ("...D,VD->...V", self.input_embedding) if head is None else ("...D,DV->...V", head)
+    return jnp.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype),
                       preferred_element_type=jnp.float32)
