@@ -1,10 +1,15 @@
 r"""Convert a PaliGemma checkpoint between .npz (big_vision / Kaggle) and Hugging Face.
 
   python -m paligemma.convert SRC DST [--to npz|hf] [--dtype float32|bfloat16|float16]
+      [--tokenizer SPM]
 
-SRC: a .npz file, a Hugging Face directory (config.json + *.safetensors) or a
+SRC: a trainer workdir (params.npz + model_config.json + config.json), a .npz file, a
+Hugging Face directory (config.json + *.safetensors) or a
 `kaggle:<owner>/<model>/jax/<variation>` handle. DST: a .npz path or a directory; --to
-defaults to npz when DST ends in .npz, else hf. Prints one summary line at the end.
+defaults to npz when DST ends in .npz, else hf. --to hf also writes the processor files
+(AutoProcessor loads them), from --tokenizer, else the workdir's tokenizer, else a
+`*tokenizer*.model` beside SRC, else the repo's tiny one when the vocabulary is its size;
+with none it refuses. Prints one summary line at the end.
 """
 
 import argparse
@@ -14,6 +19,8 @@ import sys
 import numpy as np
 
 from paligemma import checkpoint
+from paligemma import predict
+from paligemma.checkpoint import kaggle
 
 
 def _variant(model_config):
@@ -23,25 +30,50 @@ def _variant(model_config):
   return f"{vit} + {gemma} at {img['image_size']}px, vocab {llm['vocab_size']:,}"
 
 
-def summary(params, model_config, dst, to, nbytes):
+def summary(params, model_config, dst, to, nbytes, tokenizer=None):
   """One line: what was written, how many parameters and bytes, which variant."""
   leaves = list(checkpoint.tree.flatten(params).values())
   count = sum(int(np.prod(x.shape)) for x in leaves)
   dtypes = sorted({str(x.dtype) for x in leaves})
+  processor = f"; processor from {tokenizer}" if tokenizer else ""
   return (f"wrote {dst} ({to}): {count:,} parameters, {nbytes:,} bytes "
-          f"({nbytes / 2**30:.2f} GiB, {'/'.join(dtypes)}), {_variant(model_config)}")
+          f"({nbytes / 2**30:.2f} GiB, {'/'.join(dtypes)}), {_variant(model_config)}"
+          f"{processor}")
+
+
+def _local(src):
+  """SRC as a local path: a kaggle: handle is fetched (or found in the cache) once, here."""
+  if src.startswith(kaggle.PREFIX):
+    return kaggle.pick_checkpoint(kaggle.resolve(src), src)
+  return src
+
+
+def resolve(src, to, tokenizer=None):
+  """(weights path, partial model_config, tokenizer path or None) of SRC, before loading.
+
+  The tokenizer (--to hf only) is found as predict finds it, so a missing one is refused
+  before any weight is read.
+  """
+  local = _local(src)
+  path, model_config, run_config, _ = predict.read_workdir(local)
+  if to != "hf":
+    return path, model_config, None
+  file_config = checkpoint.merge_config(checkpoint.describe(path).config, model_config)
+  vocab = file_config["llm"]["vocab_size"]
+  return path, model_config, predict.tokenizer_path(local, run_config, vocab, tokenizer)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m paligemma.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("src", help=".npz file, Hugging Face directory or kaggle: handle")
+  parser.add_argument("src", help="trainer workdir, .npz file, Hugging Face directory or "
+                      "kaggle: handle")
   parser.add_argument("dst", help=".npz path or output directory")
   parser.add_argument("--to", choices=("npz", "hf"), help="output format (default: from DST)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                       help="cast every parameter (default: keep the source's)")
-  parser.add_argument("--tokenizer", help="SentencePiece model: also write the HF processor "
-                      "files (--to hf only)")
+  parser.add_argument("--tokenizer", help="SentencePiece model for the HF processor files "
+                      "(--to hf only; default: see above)")
   args = parser.parse_args(argv)
   to = args.to or ("npz" if args.dst.endswith(".npz") else "hf")
   if to == "hf" and os.path.isfile(args.dst):
@@ -49,16 +81,18 @@ def main(argv=None):
   if args.tokenizer and to != "hf":
     parser.error("--tokenizer only applies to --to hf")
   try:
-    params, model_config = checkpoint.load(args.src, dtype=args.dtype, progress=True)
+    path, config, tokenizer = resolve(args.src, to, args.tokenizer)
+    params, model_config = checkpoint.load(path, config=config, dtype=args.dtype,
+                                           progress=True)
     if to == "npz":
       nbytes = checkpoint.save_npz(params, args.dst, progress=True)
     else:
-      nbytes = checkpoint.save_hf(params, model_config, args.dst, tokenizer=args.tokenizer,
+      nbytes = checkpoint.save_hf(params, model_config, args.dst, tokenizer=tokenizer,
                                   progress=True)
-  except checkpoint.CheckpointError as e:
+  except (checkpoint.CheckpointError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(summary(params, model_config, args.dst, to, nbytes))
+  print(summary(params, model_config, args.dst, to, nbytes, tokenizer))
   return 0
 
 

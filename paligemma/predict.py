@@ -49,13 +49,13 @@ def _find_tokenizer(path, run_config):
   return found[0] if found else None
 
 
-def load_for_inference(checkpoint, *, tokenizer=None, model_config=None, dtype=None):
-  """(model, params, tokenizer, run_config) from a workdir, .npz, HF dir or kaggle: handle.
+def read_workdir(checkpoint, model_config=None):
+  """(weights path, model_config, run_config, model extras) of a checkpoint.
 
-  model_config: optional partial {"img", "llm"} overriding the file's (e.g. image_size);
-  run_config: the workdir's config.json as a dict ({} for other checkpoints).
+  A trainer workdir gives its params.npz, its model_config.json overridden by the partial
+  `model_config`, its config.json and the model dtype/scan it ran with; any other
+  checkpoint passes through with `model_config` and empty dicts.
   """
-  from paligemma.models.paligemma import Model  # pylint: disable=g-import-not-at-top
   path, run_config, extra = os.fspath(checkpoint), {}, {}
   if is_workdir(path):
     if os.path.exists(os.path.join(path, "config.json")):
@@ -69,19 +69,36 @@ def load_for_inference(checkpoint, *, tokenizer=None, model_config=None, dtype=N
   elif os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")) and \
       os.path.exists(os.path.join(path, "params.npz")):
     raise ValueError(f"{path} looks like a trainer workdir without model_config.json: the run "
-                     "did not finish its export; point --checkpoint at a finished run.")
+                     "did not finish its export; use the workdir of a finished run.")
+  return path, model_config, run_config, extra
+
+
+def tokenizer_path(checkpoint, run_config, vocab, tokenizer=None):
+  """`tokenizer`, else the run's, one beside the weights, or the tiny one if `vocab` is its."""
+  tok_path = tokenizer or _find_tokenizer(os.fspath(checkpoint), run_config)
+  if tok_path is None:
+    # Only a model of exactly the tiny vocabulary can have been trained with it.
+    if vocab != tokenizer_lib.load_tokenizer().vocab_size:
+      raise ValueError(f"No tokenizer found for {checkpoint} (vocabulary {vocab}); pass "
+                       "--tokenizer PATH, e.g. the checkpoint's paligemma_tokenizer.model.")
+    tok_path = tokenizer_lib.TINY_TOKENIZER
+  return tok_path
+
+
+def load_for_inference(checkpoint, *, tokenizer=None, model_config=None, dtype=None):
+  """(model, params, tokenizer, run_config) from a workdir, .npz, HF dir or kaggle: handle.
+
+  model_config: optional partial {"img", "llm"} overriding the file's (e.g. image_size);
+  run_config: the workdir's config.json as a dict ({} for other checkpoints).
+  """
+  from paligemma.models.paligemma import Model  # pylint: disable=g-import-not-at-top
+  path, model_config, run_config, extra = read_workdir(checkpoint, model_config)
   params, model_config = checkpoint_lib.load(path, config=model_config, dtype=dtype)
   if dtype is not None:
     extra["dtype"] = dtype
   model = Model(img=model_config["img"], llm=model_config["llm"], **extra)
-  tok_path = tokenizer or _find_tokenizer(os.fspath(checkpoint), run_config)
   vocab = model_config["llm"]["vocab_size"]
-  if tok_path is None:
-    tiny = tokenizer_lib.load_tokenizer()
-    if vocab > tiny.vocab_size:
-      raise ValueError(f"No tokenizer found for {checkpoint} (vocabulary {vocab}); pass "
-                       "--tokenizer PATH, e.g. the checkpoint's paligemma_tokenizer.model.")
-    tok_path = tokenizer_lib.TINY_TOKENIZER
+  tok_path = tokenizer_path(checkpoint, run_config, vocab, tokenizer)
   tok = tokenizer_lib.load_tokenizer(tok_path)
   if tok.vocab_size > vocab:
     raise ValueError(f"Tokenizer {tok_path} has {tok.vocab_size} pieces but the model "

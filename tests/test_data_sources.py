@@ -155,6 +155,18 @@ def test_flickr8k_bad_inputs(tmp_path):
     make_source({"name": "flickr8k", "directory": str(tmp_path)})
 
 
+def test_flickr8k_commas_quoted_or_not(tmp_path):
+  _image(str(tmp_path / "Images" / "a.jpg"))
+  (tmp_path / "captions.txt").write_text(
+      "image,caption\n"
+      "a.jpg,a dog, running on grass .\n"          # Unquoted comma: split at the first.
+      'a.jpg,"a dog, running ""fast"" ."\n'        # Kaggle's quoting: the unquoted text.
+      "a.jpg,a plain caption .\n")
+  captions = flickr8k.read_captions(str(tmp_path / "captions.txt"))
+  assert captions == {"a.jpg": ["a dog, running on grass .", 'a dog, running "fast" .',
+                                "a plain caption ."]}
+
+
 def test_flickr8k_helpers():
   with pytest.raises(ValueError, match="split must be"):
     flickr8k.split_images(["a"], "dev", None, 0, 0)
@@ -230,6 +242,54 @@ def test_coco_detection_options(tmp_path):
                  "images": images})
 
 
+def _coco_outside(root):
+  """Image 1 (100 x 50): a box partly outside, one wholly outside, one of zero width;
+  image 2: only a box wholly outside."""
+  _image(os.path.join(root, "images", "1.jpg"), size=(100, 50))
+  _image(os.path.join(root, "images", "2.jpg"), size=(100, 50))
+  data = {
+      "images": [{"id": 1, "file_name": "1.jpg", "width": 100, "height": 50},
+                 {"id": 2, "file_name": "2.jpg", "width": 100, "height": 50}],
+      "categories": [{"id": 17, "name": "cat"}, {"id": 18, "name": "dog"}],
+      "annotations": [
+          {"id": 20, "image_id": 1, "category_id": 17, "bbox": [80, -10, 40, 40],
+           "area": 1600, "iscrowd": 0},
+          {"id": 21, "image_id": 1, "category_id": 18, "bbox": [120, 10, 30, 20],
+           "area": 600, "iscrowd": 0},
+          {"id": 22, "image_id": 1, "category_id": 18, "bbox": [10, 10, 0, 20],
+           "area": 0, "iscrowd": 0},
+          {"id": 23, "image_id": 2, "category_id": 18, "bbox": [10, 60, 20, 20],
+           "area": 400, "iscrowd": 0},
+      ],
+  }
+  path = os.path.join(root, "instances.json")
+  with open(path, "w") as f:
+    json.dump(data, f)
+  return path
+
+
+def test_coco_detection_clips_and_counts_empty_boxes(tmp_path, caplog, capsys):
+  ann = _coco_outside(str(tmp_path))
+  images = str(tmp_path / "images")
+  with caplog.at_level("WARNING"):
+    src = make_source({"name": "coco_detection", "annotations": ann, "images": images})
+  # The cat, x 80..120 -> 80..100 of 100, y -10..30 -> 0..30 of 50: y1 0, x1 .8, y2 .6, x2 1
+  # (round(v * 1023)). The dogs (wholly outside, zero width) are dropped, not <loc1023>s.
+  assert [ex["id"] for ex in src] == ["1"]  # Image 2 lost its only box.
+  assert src[0]["prefix"] == "detect cat"
+  assert src[0]["suffix"] == "<loc0000><loc0818><loc0614><loc1023> cat"
+  assert src[0]["objects"] == [{"label": "cat", "box": [0.0, 0.8, 0.6, 1.0]}]
+  assert src.dropped_boxes == 3 and "3 empty boxes dropped" in src.name
+  assert "instances.json: dropped 3 box(es)" in caplog.text and "[21, 22, 23]" in caplog.text
+  every = make_source({"name": "coco_detection", "annotations": ann, "images": images,
+                       "keep_empty": True})
+  assert [(ex["id"], ex["suffix"]) for ex in every][1] == ("2", "")
+  out = tmp_path / "det.jsonl"
+  coco_to_jsonl.main(["--annotations", ann, "--images", images, "--output", str(out)])
+  assert len(out.read_text().splitlines()) == 1
+  assert "dropped 3 box(es) with no area inside their image" in capsys.readouterr().out
+
+
 def test_coco_to_jsonl_round_trip(tmp_path):
   ann = _coco(str(tmp_path))
   out = tmp_path / "out" / "det.jsonl"
@@ -239,7 +299,7 @@ def test_coco_to_jsonl_round_trip(tmp_path):
        "--images", str(tmp_path / "images"), "--output", str(out)],
       capture_output=True, text=True, check=True,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  assert "Wrote 2 examples" in result.stdout
+  assert "Wrote 2 examples" in result.stdout and "dropped 0 box(es)" in result.stdout
   first = json.loads(out.read_text().splitlines()[0])
   assert first["image"] == os.path.join("..", "images", "1.jpg")
   back = make_source({"name": "jsonl", "path": str(out)})

@@ -259,6 +259,7 @@ def save_hf(params, model_config, directory, tokenizer=None, progress=False,
       if bar:
         bar.update()
     safetensors.numpy.save_file(out, os.path.join(directory, fname), metadata={"format": "pt"})
+    _umask_mode(os.path.join(directory, fname))
     del out
   if bar:
     bar.close()
@@ -274,6 +275,13 @@ def save_hf(params, model_config, directory, tokenizer=None, progress=False,
     from paligemma.checkpoint import processor  # pylint: disable=g-import-not-at-top
     processor.save_processor(tokenizer, model_config, directory)
   return sum(sizes.values())
+
+
+def _umask_mode(path):
+  """Gives `path` the mode a plain open() would (safetensors writes a 0600 temp file)."""
+  mask = os.umask(0o077)  # Reading the umask sets it: briefly to the strictest one.
+  os.umask(mask)
+  os.chmod(path, 0o666 & ~mask)
 
 
 def _torch_dtype_name(dtype):

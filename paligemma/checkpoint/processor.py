@@ -33,11 +33,14 @@ def save_processor(tokenizer, model_config, directory):
   if sp.piece_to_id(tokenizer_lib.loc_piece(0)) == sp.unk_id():
     # A plain Gemma model: give it the loc/seg pieces first so ids match ours.
     proto = tokenizer_lib.add_loc_seg_pieces(proto)
+  # Built in a folder of its own: stale tokenizer files in `directory` must not be read.
   with tempfile.TemporaryDirectory() as tmp:
     with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
       f.write(proto)
     # GemmaTokenizer would add a <mask> token at our image-token id: no mask token.
     hf_tok = transformers.GemmaTokenizer.from_pretrained(tmp, mask_token=None)
+  # transformers 5 saves its init kwargs, this temporary vocab_file path among them.
+  hf_tok.init_kwargs.pop("vocab_file", None)
   size = img["image_size"]
   image_processor = transformers.SiglipImageProcessor(
       size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
@@ -49,3 +52,6 @@ def save_processor(tokenizer, model_config, directory):
                      f"{processor.image_token_id}, but the model's image token is {vocab} "
                      f"(its vocab_size); use the tokenizer the model was trained with")
   processor.save_pretrained(directory)
+  # The SentencePiece model too, as on the Hub: predict and convert find it there.
+  with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+    f.write(proto)

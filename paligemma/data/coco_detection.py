@@ -5,8 +5,11 @@ Each image becomes one example:
   prefix  "detect cat ; dog"
   suffix  "<loc0102><loc0040><loc0620><loc0511> cat ; <loc0300>... dog"
 
-Boxes are COCO pixel [x, y, w, h], normalised by the image's width/height from the json
-and written y_min, x_min, y_max, x_max with the 1023 binning of `paligemma.tokenizer`.
+Boxes are COCO pixel [x, y, w, h], clipped to the image (its width/height from the json),
+normalised and written y_min, x_min, y_max, x_max with the 1023 binning of
+`paligemma.tokenizer`. A box with no area inside its image (w or h <= 0, or wholly outside)
+is dropped, not written as a zero-area target: a warning names the file, the count and a
+few annotation ids, and `make`'s source keeps the count as `dropped_boxes`.
 
 Options:
   classes          None: every category of the json; or a list of category names to keep
@@ -27,6 +30,7 @@ Config: {"name": "coco_detection", "annotations": "instances_val2017.json",
 "images": "val2017/", ...options}.
 """
 
+import logging
 import os
 
 import numpy as np
@@ -35,11 +39,29 @@ from paligemma import tokenizer
 from paligemma.data import sources
 
 ASK = ("present", "all")
+_log = logging.getLogger(__name__)
 
 
-def examples(annotations, images, classes=None, ask="present", shuffle_objects=False,
-             seed=0, skip_crowd=True, keep_empty=False):
-  """list[dict] detection examples of a COCO instances json (see the module docstring)."""
+def clip_box(bbox, width, height):
+  """[y1, x1, y2, x2] in [0, 1] of a COCO pixel [x, y, w, h] clipped to the image; None if empty."""
+  x, y, w, h = (float(v) for v in bbox)
+  x1, x2 = max(x, 0.0), min(x + w, float(width))
+  y1, y2 = max(y, 0.0), min(y + h, float(height))
+  if w <= 0 or h <= 0 or x2 <= x1 or y2 <= y1:
+    return None
+  return [y1 / height, x1 / width, y2 / height, x2 / width]
+
+
+def _warn_dropped(annotations, dropped):
+  if dropped:
+    _log.warning("%s: dropped %d box(es) with no area inside their image (e.g. annotation "
+                 "ids %s); the other boxes of those images are kept.", annotations,
+                 len(dropped), dropped[:3])
+
+
+def read(annotations, images, classes=None, ask="present", shuffle_objects=False, seed=0,
+         skip_crowd=True, keep_empty=False):
+  """(examples, annotation ids of the dropped empty boxes) of a COCO instances json."""
   if ask not in ASK:
     raise ValueError(f"`ask` must be one of {ASK}, got {ask!r}.")
   if not os.path.isdir(images):
@@ -59,14 +81,16 @@ def examples(annotations, images, classes=None, ask="present", shuffle_objects=F
     name = cat_names.get(ann["category_id"])
     if name not in rank or (skip_crowd and ann.get("iscrowd", 0)):
       continue
-    objects.setdefault(ann["image_id"], []).append((name, ann["bbox"]))
-  out = []
+    objects.setdefault(ann["image_id"], []).append((name, ann["bbox"], ann.get("id")))
+  out, dropped = [], []
   for img in sorted(data["images"], key=lambda im: im["id"]):
     objs = []
-    for name, (x, y, w, h) in objects.get(img["id"], []):
-      W, H = img["width"], img["height"]
-      box = np.clip([y / H, x / W, (y + h) / H, (x + w) / W], 0.0, 1.0)
-      objs.append({"label": name, "box": [float(v) for v in box]})
+    for name, bbox, ann_id in objects.get(img["id"], []):
+      box = clip_box(bbox, img["width"], img["height"])
+      if box is None:
+        dropped.append(ann_id)
+        continue
+      objs.append({"label": name, "box": box})
     if shuffle_objects:
       rng = np.random.default_rng([seed, int(img["id"])])
       objs = [objs[i] for i in rng.permutation(len(objs))]
@@ -80,12 +104,23 @@ def examples(annotations, images, classes=None, ask="present", shuffle_objects=F
     out.append(dict(image=os.path.join(images, img["file_name"]),
                     prefix="detect " + " ; ".join(asked), suffix=suffix,
                     id=str(img["id"]), references=[suffix], objects=objs))
-  return out
+  _warn_dropped(annotations, dropped)
+  return out, dropped
+
+
+def examples(annotations, images, classes=None, ask="present", shuffle_objects=False,
+             seed=0, skip_crowd=True, keep_empty=False):
+  """list[dict] detection examples of a COCO instances json (see the module docstring)."""
+  return read(annotations, images, classes, ask, shuffle_objects, seed, skip_crowd,
+              keep_empty)[0]
 
 
 def make(annotations, images, classes=None, ask="present", shuffle_objects=False, seed=0,
          skip_crowd=True, keep_empty=False):
-  """Source of COCO detection examples."""
-  return sources.ListSource(
-      f"coco_detection {annotations}",
-      examples(annotations, images, classes, ask, shuffle_objects, seed, skip_crowd, keep_empty))
+  """Source of COCO detection examples; `dropped_boxes` counts the empty boxes left out."""
+  exs, dropped = read(annotations, images, classes, ask, shuffle_objects, seed, skip_crowd,
+                      keep_empty)
+  note = f" ({len(dropped)} empty boxes dropped)" if dropped else ""
+  source = sources.ListSource(f"coco_detection {annotations}{note}", exs)
+  source.dropped_boxes = len(dropped)
+  return source

@@ -5,7 +5,8 @@
       [--ask present|all] [--shuffle_objects] [--seed 0]
 
 Image paths are written relative to the output file's folder, so the pair can be moved
-together.
+together. The summary line also counts the boxes dropped for having no area inside their
+image (see `paligemma.data.coco_detection`).
 """
 
 import argparse
@@ -38,11 +39,13 @@ def main(argv=None):
   parser.add_argument("--keep_empty", action="store_true", help="Keep images without objects.")
   args = parser.parse_args(argv)
   classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-  exs = coco_detection.examples(args.annotations, args.images, classes, args.ask,
-                                args.shuffle_objects, args.seed, not args.keep_crowd,
-                                args.keep_empty)
+  exs, dropped = coco_detection.read(args.annotations, args.images, classes, args.ask,
+                                     args.shuffle_objects, args.seed, not args.keep_crowd,
+                                     args.keep_empty)
   n = write(args.output, exs)
-  print(f"Wrote {n} examples to {args.output}.")
+  examples_of = f" (e.g. annotation ids {dropped[:3]})" if dropped else ""
+  print(f"Wrote {n} examples to {args.output}; dropped {len(dropped)} box(es) with no area "
+        f"inside their image{examples_of}.")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Flickr8k captions in the Kaggle layout (`adityajn105/flickr8k`).
 
   <directory>/captions.txt   CSV with header `image,caption`, about 5 rows per image
+                             (split at the first comma: captions may hold unquoted commas)
   <directory>/Images/        the JPEG files named in the `image` column
 
 Split by image, never by caption: the distinct image names, sorted, are permuted by
@@ -17,7 +18,6 @@ Config: {"name": "flickr8k", "directory": ..., "split": "train", "train_size": 1
 """
 
 import collections
-import csv
 import os
 
 import numpy as np
@@ -27,28 +27,40 @@ from paligemma.data import sources
 SPLITS = ("train", "validation")
 
 
+def _unquote(field):
+  """The text of a CSV field: a fully quoted one loses its quotes ("" inside is one ")."""
+  inner = field[1:-1]
+  if len(field) >= 2 and field[0] == field[-1] == '"' and '"' not in inner.replace('""', ""):
+    return inner.replace('""', '"')
+  return field
+
+
 def read_captions(path):
-  """OrderedDict image name -> list of captions, from a `image,caption` CSV."""
+  """OrderedDict image name -> list of captions, from a `image,caption` CSV.
+
+  Each row is split at its first comma (image names have none), so a caption may hold
+  commas whether it is quoted (the Kaggle file quotes those) or not.
+  """
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f"Flickr8k captions file {path!r} not found; `directory` must hold captions.txt and "
         "Images/ (the Kaggle adityajn105/flickr8k layout).")
   captions = collections.OrderedDict()
-  with open(path, encoding="utf-8", newline="") as f:
-    reader = csv.reader(f)
-    header = next(reader, None)
-    if header is None:
+  with open(path, encoding="utf-8") as f:
+    header = f.readline()
+    if not header:
       raise ValueError(f"{path}: empty file; expected a header `image,caption` and rows.")
-    if [h.strip() for h in header] != ["image", "caption"]:
-      raise ValueError(f"{path}:1: header is {header}, expected `image,caption`.")
-    for row in reader:
-      lineno = reader.line_num
-      if not row:
+    if [h.strip() for h in header.split(",")] != ["image", "caption"]:
+      raise ValueError(f"{path}:1: header is {header.strip()!r}, expected `image,caption`.")
+    for lineno, line in enumerate(f, start=2):
+      line = line.rstrip("\n")
+      if not line.strip():
         continue
-      if len(row) != 2 or not row[0].strip() or not row[1].strip():
+      name, _, caption = (_unquote(part.strip()).strip() for part in line.partition(","))
+      if not name or not caption:
         raise ValueError(f"{path}:{lineno}: expected two non-empty fields `image,caption`, "
-                         f"got {row!r}; quote captions that contain commas.")
-      captions.setdefault(row[0].strip(), []).append(row[1].strip())
+                         f"got {line!r}.")
+      captions.setdefault(name, []).append(caption)
   if not captions:
     raise ValueError(f"{path}: no captions after the header.")
   return captions
