@@ -17,18 +17,12 @@ training). The tokenizer: --tokenizer, else the config's `tokenizer`, else as
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
-# Transfer configs import their shared pieces as `configs.*` (next to the package).
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_REPO, "configs")) and _REPO not in sys.path:
-  sys.path.append(_REPO)
+from paligemma import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Transfer config file[:arg].")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Trainer workdir, .npz, Hugging Face dir or kaggle: handle.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: {workdir}/eval).")
@@ -70,10 +64,10 @@ def evaluate(config, checkpoint, out, *, tokenizer=None, only=None, progress=Tru
   return metrics
 
 
-def main(argv):
+def main(argv, config):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None or _CHECKPOINT.value is None:
+  if config is None or _CHECKPOINT.value is None:
     raise app.UsageError("--config and --checkpoint are required.")
   from paligemma import predict  # pylint: disable=g-import-not-at-top
   out = _OUT.value
@@ -81,7 +75,8 @@ def main(argv):
     if not predict.is_workdir(_CHECKPOINT.value):
       raise app.UsageError("--out is required unless --checkpoint is a trainer workdir.")
     out = os.path.join(_CHECKPOINT.value, "eval")
-  metrics = evaluate(_CONFIG.value, _CHECKPOINT.value, out, tokenizer=_TOKENIZER.value,
+  config_lib.validate(config)
+  metrics = evaluate(config, _CHECKPOINT.value, out, tokenizer=_TOKENIZER.value,
                      only=_EVAL.value, progress=_PROGRESS.value)
   for k, v in sorted(metrics.items()):
     print(f"{k}\t{v:.6g}")
@@ -89,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config_lib.run(main)

@@ -22,12 +22,12 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from paligemma import config as config_lib
 from paligemma import optim
 from paligemma import sharding
 from paligemma import train
 from paligemma.trainer import step as step_lib
 
-# `--config` is the trainer's flag (defined by importing paligemma.train): same syntax.
 GiB = 1 << 30
 # Memory one program can use: nominal HBM less what the runtime keeps. JAX on GPU
 # preallocates 75% unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised (the README says how).
@@ -193,10 +193,9 @@ def report(plan, config):
   return lines
 
 
-def main(argv):
+def main(argv, config):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}")
-  config = flags.FLAGS.config
   if config is None:
     raise app.UsageError("--config is required, e.g. --config transfers/flickr8k.py")
   plan = make_plan(config, _DEVICE.value, _DEVICES.value)
@@ -204,4 +203,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config_lib.run(main)

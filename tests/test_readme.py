@@ -163,7 +163,8 @@ RULES = [
          check=_stdout_has(r"^wrote .*\(hf\)", "tmp/flickr8k-hf/config.json",
                            "tmp/flickr8k-hf/tokenizer_config.json")),
     Rule("convert kaggle", r"python -m paligemma\.convert \$CKPT pg2-hf/ --to hf "
-         r"--dtype bfloat16", check=_stdout_has(r"^wrote .*\(hf\)", "pg2-hf/config.json")),
+         r"--dtype bfloat16 --tokenizer \$TOKENIZER",
+         check=_stdout_has(r"^wrote .*\(hf\)", "pg2-hf/config.json")),
     Rule("plan", r"python -m paligemma\.plan --config transfers/colab_t4\.py --device t4",
          extra=TINY_TOWERS, check=_stdout_has(r"^fits: (yes|NO)")),
     # tests/test_benchmarks.py runs these two with --quick (one timed repetition).

@@ -72,6 +72,8 @@ class MetricsWriter:
 
 
 def _jsonable(v):
+  if isinstance(v, int):  # Counts stay integers.
+    return v
   v = float(v)
   return v if math.isfinite(v) else str(v)
 
