@@ -15,13 +15,14 @@ training). The tokenizer: --tokenizer, else the config's `tokenizer`, else as
 `paligemma.predict` finds it.
 """
 
-import json
 import os
 
 from absl import app
 from absl import flags
+import tensorflow as tf
 
 from paligemma import config as config_lib
+from paligemma import json_files
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Trainer workdir, .npz, Hugging Face dir or kaggle: handle.")
@@ -49,7 +50,7 @@ def evaluate(config, checkpoint, out, *, tokenizer=None, only=None, progress=Tru
       model_config=None if predict.is_workdir(checkpoint) else overrides)
   image_size = config.input.image_size if "input" in config else model.img["image_size"]
   text_len = config.input.text_len if "input" in config else 64
-  os.makedirs(out, exist_ok=True)
+  tf.io.gfile.makedirs(out)
   metrics = {}
   for name, cfg in evals.items():
     if only and name not in only:
@@ -59,8 +60,7 @@ def evaluate(config, checkpoint, out, *, tokenizer=None, only=None, progress=Tru
                         progress=progress)
     for k, v in ev.run(params).items():
       metrics[f"{name}/{k}"] = float(v)
-  with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
-    json.dump(metrics, f, indent=2, sort_keys=True)
+  json_files.write_json(os.path.join(out, "metrics.json"), metrics)
   return metrics
 
 

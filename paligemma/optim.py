@@ -7,7 +7,7 @@ the presets (PRESETS):
 
   "full"            every parameter trained
   "freeze_vision"   img/* frozen (the vision tower and the projector), the LLM trained
-  "attention_only"  only llm/layers/attn/* trained (the brief, and big_vision's T4 Colab)
+  "attention_only"  only llm/layers/attn/* trained (the Flickr8k recipe, and big_vision's T4 Colab)
 
 Frozen parameters are split off before the gradient (`partition`): the train step
 differentiates with respect to the trainable ones only, so frozen weights get no

@@ -1,4 +1,4 @@
-"""The one place where a prompt becomes tokens and masks (reference section 2).
+"""The one place where a prompt becomes tokens and masks (big_vision's layout).
 
 Training (`mode="train"`), length text_len + 1 (the trainer feeds text[:-1] and predicts
 text[1:]):

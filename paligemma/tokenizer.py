@@ -1,6 +1,6 @@
 """SentencePiece tokenizer with the PaliGemma layout, and box <-> `<locNNNN>` strings.
 
-Layout (reference section 1 "Vocabulary"): pad 0, eos 1, bos 2, unk 3; then the text
+Layout: pad 0, eos 1, bos 2, unk 3; then the text
 pieces; then 1024 `<loc0000>`..`<loc1023>` and 128 `<seg000>`..`<seg127>` pieces, each
 set contiguous. The released `paligemma_tokenizer.model` already holds them at
 256000.. and 257024..; a plain Gemma tokenizer (256000 pieces) gets them appended at
@@ -12,6 +12,10 @@ Boxes: coordinates normalised to [0, 1], binned as `round(v * 1023)` clipped to
 0..1023 (big_vision's factor; community converters use 1024, which shifts boxes by up to
 one bin), written in the order y_min, x_min, y_max, x_max. `loc_to_box` decodes with the
 same factor, so a round trip is exact to within half a bin.
+
+Detection strings: objects joined by " ; ", each four `<locNNNN>` tokens and a label
+(`detection_string` writes them, `parse_detections` reads them back; the one format
+used by the data sources, the evaluators and `predict`).
 """
 
 import os
@@ -28,7 +32,7 @@ TINY_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "tiny_tokeniz
 
 _SPECIALS = {PAD_ID: "pad", EOS_ID: "eos", BOS_ID: "bos", UNK_ID: "unk"}
 _LOC_RE = re.compile(r"<loc(\d{4})>")
-_BOX_RE = re.compile(r"((?:<loc\d{4}>){4})\s*([^;<]*)")
+_OBJECT_RE = re.compile(r"^\s*((?:<loc\d{4}>){4})\s*([^<>;]*?)\s*$")
 
 
 def loc_piece(i):
@@ -159,8 +163,21 @@ def detection_string(boxes, labels):
 
 
 def parse_detections(text):
-  """[(float64[4] box, label)] from a detection string; malformed parts are ignored."""
-  out = []
-  for locs, label in _BOX_RE.findall(text):
-    out.append((loc_to_box(locs), label.strip()))
-  return out
+  """([(label, float64[4] box in [0, 1])], number of malformed objects) of a detection
+  string. Malformed objects (missing or extra loc tokens, no label, text around, an
+  empty or inverted box) are counted and left out, never fatal: model outputs are
+  parsed with this."""
+  objects, malformed = [], 0
+  for part in text.split(";"):
+    if not part.strip():
+      continue
+    match = _OBJECT_RE.match(part)
+    if not match or not match.group(2):
+      malformed += 1
+      continue
+    box = loc_to_box(match.group(1))
+    if box[2] <= box[0] or box[3] <= box[1]:
+      malformed += 1
+      continue
+    objects.append((match.group(2), box))
+  return objects, malformed

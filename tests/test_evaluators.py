@@ -81,13 +81,13 @@ def test_vqa_accuracy_official_averaging():
 
 def test_detection_parse_is_robust():
   good = tokenizer_lib.detection_string([[0.1, 0.2, 0.5, 0.6]], ["cat"])
-  objects, bad = detection.parse(f"{good} ; <loc0001><loc0002> dog ; junk ; "
+  objects, bad = tokenizer_lib.parse_detections(f"{good} ; <loc0001><loc0002> dog ; junk ; "
                                  "<loc0500><loc0500><loc0100><loc0900> inverted ; "
                                  "<loc0001><loc0002><loc0003><loc0004>")
   assert [l for l, _ in objects] == ["cat"] and bad == 4
   np.testing.assert_allclose(objects[0][1], [0.1, 0.2, 0.5, 0.6], atol=0.5 / 1023)
-  assert detection.parse("") == ([], 0)
-  assert detection.parse("<loc9999><loc0000><loc1023><loc1023> x")[1] == 1  # Inverted after clip.
+  assert tokenizer_lib.parse_detections("") == ([], 0)
+  assert tokenizer_lib.parse_detections("<loc9999><loc0000><loc1023><loc1023> x")[1] == 1  # Inverted after clip.
 
 
 def test_iou_and_map_known_values():

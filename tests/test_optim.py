@@ -1,5 +1,5 @@
 """Optimizer from the config: groups and presets, schedules, weight decay, clipping,
-accumulation, and the loss (reference section 2)."""
+accumulation, and the loss (suffix tokens, per-example mean)."""
 
 import os
 

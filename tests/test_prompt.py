@@ -1,4 +1,4 @@
-"""Token-exact prompts (reference section 2) with the tiny tokenizer."""
+"""Token-exact prompts (big_vision's layout) with the tiny tokenizer."""
 
 import numpy as np
 import pytest

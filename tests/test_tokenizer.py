@@ -138,6 +138,6 @@ def test_detection_string_and_parse():
   s = tokenizer.detection_string([[0, 0, 0.5, 0.5], [0.5, 0.25, 1, 1]], ["cat", "red dog"])
   assert s == ("<loc0000><loc0000><loc0512><loc0512> cat ; "
                "<loc0512><loc0256><loc1023><loc1023> red dog")
-  parsed = tokenizer.parse_detections(s + " ; <loc0001> broken")
-  assert [label for _, label in parsed] == ["cat", "red dog"]
-  np.testing.assert_allclose(parsed[1][0], [512 / 1023, 256 / 1023, 1, 1])
+  parsed, malformed = tokenizer.parse_detections(s + " ; <loc0001> broken")
+  assert [label for label, _ in parsed] == ["cat", "red dog"] and malformed == 1
+  np.testing.assert_allclose(parsed[1][1], [512 / 1023, 256 / 1023, 1, 1])

@@ -21,7 +21,7 @@ import safetensors.numpy
 from paligemma.checkpoint import names
 from paligemma.checkpoint import shapes as shapes_lib
 from paligemma.checkpoint import tree
-from paligemma.checkpoint.source import CheckpointError, Leaf, Source, aligned_empty
+from paligemma.checkpoint.source import CheckpointError, Leaf, Source, aligned_empty, check_shapes
 from paligemma.models import variants
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
@@ -146,21 +146,11 @@ def describe(directory):
   rows = emb.shape[0] if emb is not None else config["llm"]["vocab_size"]
   file_config = {"img": config["img"], "llm": dict(config["llm"], vocab_size=rows)}
   expected = hf_shapes(file_config)
-  where = lambda n: f"{directory}: tensor {names.export_hf_name(n)!r}"
-  missing = [n for n in expected if n not in tensors]
-  if missing:
-    raise CheckpointError(
-        f"{directory}: {len(missing)} tensor(s) that config.json implies are missing "
-        "(names as on the Hub; `model.`-prefixed spellings are accepted too): "
-        + ", ".join(names.export_hf_name(n) for n in missing))
-  for n, shape in expected.items():
-    if tensors[n].shape != shape:
-      raise CheckpointError(f"{tensors[n].path}: tensor {tensors[n].name!r} has shape "
-                            f"{tensors[n].shape}, config.json implies {shape}")
-  extra = sorted(set(tensors) - set(expected))
-  if extra:
-    raise CheckpointError(f"{directory}: tensor(s) config.json does not account for "
-                          f"(another variant?): {extra[:10]}{' ...' if len(extra) > 10 else ''}")
+  # Names as on the Hub (`model.`-prefixed spellings are accepted too).
+  check_shapes({n: t.shape for n, t in tensors.items()}, expected, where=directory,
+               implied_by="config.json",
+               noun="tensor", name=lambda n: names.export_hf_name(n) if n in expected else n,
+               origin=lambda n: tensors[n].path)
 
   ours = shapes_lib.param_shapes(file_config)
   leaves = {}
@@ -210,15 +200,8 @@ def save_hf(params, model_config, directory, tokenizer=None, progress=False,
     params = tree.stack_layers(params)
   flat = tree.flatten(params)
   expected = shapes_lib.param_shapes(model_config)
-  for name, shape in expected.items():
-    if name not in flat:
-      raise CheckpointError(f"save_hf: params lack key {name!r} that the model_config needs")
-    if tuple(flat[name].shape) != shape:
-      raise CheckpointError(f"save_hf: params key {name!r} has shape {tuple(flat[name].shape)}, "
-                            f"the model_config implies {shape}")
-  extra = sorted(set(flat) - set(expected))
-  if extra:
-    raise CheckpointError(f"save_hf: params keys the model_config does not use: {extra}")
+  check_shapes({n: x.shape for n, x in flat.items()}, expected, where="save_hf params",
+               implied_by="the model_config")
   dtypes = {np.dtype(flat[n].dtype) for n in expected}
   dtype = np.dtype(flat["llm/embedder/input_embedding"].dtype)
   if len(dtypes) > 1:

@@ -12,7 +12,7 @@ from paligemma.checkpoint import kaggle
 from paligemma.checkpoint import npz
 from paligemma.checkpoint import shapes as shapes_lib
 from paligemma.checkpoint import tree
-from paligemma.checkpoint.source import CheckpointError, aligned_empty
+from paligemma.checkpoint.source import CheckpointError, aligned_empty, check_shapes
 from paligemma.models import variants
 
 _EMBEDDING, _POSEMB = "llm/embedder/input_embedding", "img/pos_embedding"
@@ -62,30 +62,20 @@ def merge_config(inferred, given):
   return out
 
 
+def _resizable(name, have, want):
+  """The file's leaf fits the config: equal, or a vocabulary / position grid to adapt."""
+  if name == _EMBEDDING:
+    return len(have) == 2 and have[1] == want[1]
+  if name == _POSEMB:
+    return len(have) == 3 and have[2] == want[2] and np.sqrt(have[1]) % 1 == 0
+  return have == want
+
+
 def _check(src, expected):
-  """Raises on the first shape that the config and file disagree on (beyond resizing)."""
-  for name, shape in expected.items():
-    leaf = src.leaves.get(name)
-    if leaf is None:
-      continue
-    have = tuple(leaf.shape)
-    if name == _EMBEDDING:
-      ok = len(have) == 2 and have[1] == shape[1]
-    elif name == _POSEMB:
-      ok = len(have) == 3 and have[2] == shape[2] and np.sqrt(have[1]) % 1 == 0
-    else:
-      ok = have == shape
-    if not ok:
-      raise CheckpointError(f"{leaf.origin}: {name} has shape {have} in the file but "
-                            f"{shape} in the model config (checkpoint of another variant?)")
-  missing = [n for n in expected if n not in src.leaves]
-  if missing:
-    raise CheckpointError(f"{src.path}: missing key(s) the model config needs: "
-                          + ", ".join(missing))
-  extra = [n for n in src.leaves if n not in expected]
-  if extra:
-    raise CheckpointError(f"{src.path}: key(s) the model config does not use (checkpoint of "
-                          f"another variant?): {', '.join(extra)}")
+  """Raises on the first leaf that the config and file disagree on (beyond resizing)."""
+  check_shapes({n: leaf.shape for n, leaf in src.leaves.items()}, expected, where=src.path,
+               implied_by="the model config", fits=_resizable,
+               origin=lambda n: src.leaves[n].origin)
 
 
 def _sharding_for(sharding, path, shape):

@@ -10,19 +10,17 @@ image (see `paligemma.data.coco_detection`).
 """
 
 import argparse
-import json
 import os
 
+from paligemma import json_files
 from paligemma.data import coco_detection
 
 
 def write(output, exs):
   """Writes examples to `output` as jsonl; returns the number written."""
   folder = os.path.dirname(os.path.abspath(output))
-  with open(output, "w", encoding="utf-8") as f:
-    for ex in exs:
-      ex = dict(ex, image=os.path.relpath(os.path.abspath(ex["image"]), folder))
-      f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+  json_files.write_jsonl(output, [
+      dict(ex, image=os.path.relpath(os.path.abspath(ex["image"]), folder)) for ex in exs])
   return len(exs)
 
 

@@ -1,9 +1,8 @@
 """Detection: `<loc>` outputs -> labelled pixel boxes, COCO mAP (pycocotools), mean IoU.
 
-A prediction is parsed as objects joined by " ; ", each four `<locNNNN>` tokens
-(y_min, x_min, y_max, x_max, binned as in `paligemma.tokenizer`) and a label. Anything
-else (missing or extra loc tokens, no label, text around, an empty or inverted box) is
-a malformed object: counted in `malformed`, never fatal, and left out of the boxes.
+A prediction is parsed by `paligemma.tokenizer.parse_detections`: objects joined by
+" ; ", each four `<locNNNN>` tokens and a label; anything else is a malformed object,
+counted in `malformed`, never fatal, and left out of the boxes.
 
 Ground truth: the example's `objects` ([{"label", "box": [y1, x1, y2, x2] in [0, 1]}],
 as the shapes and coco_detection sources give), else its parsed `suffix`. Boxes are
@@ -21,34 +20,12 @@ Metrics: map, map50, mean_iou, num_single_object, malformed, num_predicted, num_
 
 import contextlib
 import io
-import re
 
 import numpy as np
 from PIL import Image
 
 from paligemma import tokenizer as tokenizer_lib
 from paligemma.evaluators import base
-
-_OBJECT_RE = re.compile(r"^\s*((?:<loc\d{4}>){4})\s*([^<>;]*?)\s*$")
-
-
-def parse(text):
-  """([(label, float64[4] box in [0, 1])], number of malformed objects) of a prediction."""
-  objects, malformed = [], 0
-  for part in text.split(";"):
-    if not part.strip():
-      continue
-    match = _OBJECT_RE.match(part)
-    if not match or not match.group(2):
-      malformed += 1
-      continue
-    box = tokenizer_lib.loc_to_box(match.group(1))
-    if box[2] <= box[0] or box[3] <= box[1]:
-      malformed += 1
-      continue
-    objects.append((match.group(2), box))
-  return objects, malformed
-
 
 def to_pixels(box, height, width):
   """float64[4] (y1, x1, y2, x2) in [0, 1] -> pixels (same order)."""
@@ -115,14 +92,14 @@ class DetectionEvaluator(base.DecodingEvaluator):
   def _ground_truth(self, ex):
     if ex.get("objects") is not None:
       return [(o["label"], np.asarray(o["box"], np.float64)) for o in ex["objects"]]
-    return parse(ex.get("suffix") or "")[0]
+    return tokenizer_lib.parse_detections(ex.get("suffix") or "")[0]
 
   def score(self, preds):
     gts, dets, ious, malformed = [], [], [], 0
     for p in preds:
       ex = self.source[p["index"]]
       h, w = image_hw(ex["image"])
-      objects, bad = parse(p["prediction"])
+      objects, bad = tokenizer_lib.parse_detections(p["prediction"])
       malformed += bad
       gt = [(l, to_pixels(b, h, w)) for l, b in self._ground_truth(ex)]
       det = [(l, to_pixels(b, h, w)) for l, b in objects]

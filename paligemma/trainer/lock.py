@@ -20,6 +20,8 @@ import time
 from absl import logging
 import tensorflow as tf
 
+from paligemma import json_files
+
 HEARTBEAT_SECONDS = 60
 STALE_SECONDS = 600
 
@@ -53,8 +55,7 @@ class WorkdirLock:
 
   def _read(self):
     try:
-      with tf.io.gfile.GFile(self.path) as f:
-        return json.load(f)
+      return json_files.read_json(self.path)
     except (tf.errors.NotFoundError, json.JSONDecodeError, ValueError):
       return None  # Gone, or half written by a holder killed while writing it.
 
@@ -64,16 +65,13 @@ class WorkdirLock:
     return time.time() - float(holder.get("heartbeat", 0)) > STALE_SECONDS
 
   def _write(self, exclusive):
-    record = json.dumps(dict(self._me, heartbeat=time.time()))
+    record = dict(self._me, heartbeat=time.time())
     if exclusive and "://" not in self.path:
       fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
       with os.fdopen(fd, "w") as f:
-        f.write(record)
+        json.dump(record, f)
       return
-    tmp = f"{self.path}.{self._me['pid']}.tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-      f.write(record)
-    tf.io.gfile.rename(tmp, self.path, overwrite=True)
+    json_files.write_json(self.path, record)
 
   def _mine(self, holder):
     return holder is not None and (holder.get("host"), holder.get("pid")) == (

@@ -13,6 +13,8 @@ import os
 
 import tensorflow as tf
 
+from paligemma import json_files
+
 
 class MetricsWriter:
   """Appends metrics; on resume, first drops lines past the restored step."""
@@ -45,11 +47,8 @@ class MetricsWriter:
       except json.JSONDecodeError:
         continue  # A line cut by a kill.
       if resume_step is not None and rec.get("step", 0) <= resume_step:
-        keep.append(json.dumps(rec) + "\n")
-    tmp = self.path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-      f.write("".join(keep))
-    tf.io.gfile.rename(tmp, self.path, overwrite=True)
+        keep.append(rec)
+    json_files.write_jsonl(self.path, keep)
 
   def write(self, step, metrics):
     if not self.enabled:
@@ -80,5 +79,4 @@ def _jsonable(v):
 
 def read(workdir):
   """list[dict] of `{workdir}/metrics.jsonl` (for tests and notebooks)."""
-  with tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(l) for l in f if l.strip()]
+  return json_files.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
