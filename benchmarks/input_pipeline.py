@@ -4,7 +4,7 @@
       [--batch_size 32] [--steps 30] [--num_files 256]
 
 `jpeg` (default) writes Flickr8k-sized JPEGs (500x375, quality 90) to a temporary folder
-and reads them through the `jsonl` source: file read + PIL decode + tokenize + resize +
+and reads them through the `jsonl` source: file read + TF decode + tokenize + resize +
 batch, the path a real fine-tuning run takes. `shapes` draws synthetic images instead.
 The first batches (tf.data start-up) are not timed.
 """

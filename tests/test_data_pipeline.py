@@ -1,5 +1,6 @@
 """The tf.data pipeline: batch layout, order, sharding, resume and bad data."""
 
+import itertools
 import json
 import logging
 import os
@@ -69,9 +70,12 @@ def _stream(inp, batches):
 
 def test_train_batch_layout_and_exact_tokens(jsonl, tok):
   batch = next(iter(_train(jsonl, tok, batch_size=4, image_size=(8, 6))))
-  assert sorted(batch) == ["image", "mask_ar", "mask_loss", "text"]
+  assert sorted(batch) == sorted(pipeline.TRAIN_KEYS)
+  assert batch["position"].tolist() == [0, 1, 2, 3] and not batch["truncated"].any()
   assert batch["image"].shape == (4, 8, 6, 3) and batch["image"].dtype == np.float32
-  np.testing.assert_allclose(batch["image"][..., 1], 1.0, atol=1e-6)  # 255 -> 1.
+  # 255 -> 1, or 254 -> 1 - 2/255 where the antialiased resize of the flat 255 lands a
+  # hair under 255 and (as in big_vision) the cast back to uint8 truncates.
+  assert np.isin(batch["image"][..., 1], [1.0, np.float32(254 / 255 * 2 - 1)]).all()
   assert batch["text"].dtype == np.int32 and batch["text"].shape == (4, 9)
   row = [BOS, *CAPTION_EN, NL, *A_RED_CIRCLE, EOS, 0]
   assert batch["text"].tolist() == [row] * 4
@@ -89,9 +93,11 @@ def test_value_range_and_resize_of_real_pixels(tmp_path, tok):
                           image_size=4, batch_size=1)))
   # Antialiased bilinear 40 -> 4 columns is a triangle filter 10 pixels wide each side:
   # column 1 (centre 15) gives the 5 white pixels 20..24 weights .45+.35+.25+.15+.05 of
-  # 10, i.e. 0.125 white -> -0.75. Without antialias it would read -1.
-  np.testing.assert_allclose(batch["image"][0, :, :, 0], [[-1, -0.75, 0.75, 1]] * 4,
-                             atol=1e-5)
+  # 10, i.e. 0.125 white: 31.875, truncated to 31 as big_vision's resize casts back to
+  # uint8 (column 2: 223.125 -> 223). Without antialias it would read 0.
+  levels = np.array([0, 31, 223, 255], np.float32)
+  np.testing.assert_allclose(batch["image"][0, :, :, 0], [levels / 127.5 - 1] * 4,
+                             atol=1e-6)
   plain = next(iter(_eval({"name": "jsonl", "path": str(tmp_path / "d.jsonl")}, tok,
                           image_size=4, batch_size=1, antialias=False)))
   np.testing.assert_allclose(plain["image"][0, :, :, 0], [[-1, -1, 1, 1]] * 4, atol=1e-5)
@@ -191,6 +197,46 @@ def test_bad_images_skipped_counted_and_named(tmp_path, tok, caplog):
   assert ev.stats.num_skipped == 2
   with pytest.raises(Exception, match=r"ImageError: Image .*[36]\.png"):
     list(_train(source, tok, num_epochs=1, on_bad_image="raise"))
+
+
+def test_positions_resume_exactly_past_skipped_images(tmp_path, tok):
+  """Each batch says where the stream is; resuming there (not at step * B) continues the
+  stream exactly even though skipped images took places in it."""
+  source = _write_jsonl(str(tmp_path), bad=(3, 6))
+  full = list(itertools.islice(_train(source, tok, batch_size=2), 9))
+  trained = [n for b in full for n in _numbers(b)]
+  assert 3 not in trained and 6 not in trained
+  for step in (1, 3, 4, 7):
+    position = int(full[step - 1]["position"][-1]) + 1
+    resumed = list(itertools.islice(_train(source, tok, batch_size=2,
+                                           start_position=position), 9 - step))
+    assert [n for b in resumed for n in _numbers(b)] == trained[2 * step:], step
+    for a, b in zip(resumed, full[step:]):
+      np.testing.assert_array_equal(a["position"], b["position"])
+  # Positions count the skipped examples: the gaps are exactly the bad images.
+  positions = np.concatenate([b["position"] for b in full])
+  stream = list(itertools.islice(pipeline.train_indices(N, 0, 0, 1), positions[-1] + 1))
+  gaps = sorted(set(range(positions[-1] + 1)) - set(positions.tolist()))
+  assert [stream[g] for g in gaps] and all(stream[g] in (3, 6) for g in gaps)
+  assert [stream[p] for p in positions] == trained
+
+
+def test_truncated_flag_marks_cut_examples(tmp_path, tok):
+  lines = [{"image": "0.png", "prefix": "caption en", "suffix": "a red circle", "id": "short"},
+           {"image": "0.png", "prefix": "caption en", "suffix": "a red circle and a blue "
+            "square and a green triangle", "id": "long"}]
+  Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
+  (tmp_path / "d.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+  batch = next(iter(_train({"name": "jsonl", "path": str(tmp_path / "d.jsonl")}, tok,
+                           text_len=8, num_epochs=1)))
+  order = np.random.default_rng([0, 0]).permutation(2).tolist()
+  assert batch["truncated"].tolist() == [lines[i]["id"] == "long" for i in order]
+
+
+def test_eval_prompt_longer_than_text_len_raises_naming_it(jsonl, tok):
+  # "caption en" + separator is 4 tokens; at text_len 3 the separator would be lost.
+  with pytest.raises(Exception, match=r"example 'ex0'.*does not fit text_len=3"):
+    list(_eval(jsonl, tok, text_len=3))
 
 
 def test_all_images_bad_raises_instead_of_looping(tmp_path, tok):

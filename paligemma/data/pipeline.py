@@ -7,6 +7,10 @@ text_len:
   text       int32[B, T + 1]      [bos] prefix "\\n" suffix [eos] 0 ... (see prompt.py)
   mask_ar    int32[B, T + 1]
   mask_loss  int32[B, T + 1]
+  position   int64[B]             place of each example in this process's index stream
+                                  (see "Order and sharding"): the data position to
+                                  resume from is the last one + 1
+  truncated  bool[B]              True where the example was cut to text_len
 
 Evaluation, `make_eval_input(...)`; every example exactly once, in source order, the last
 batch padded:
@@ -27,21 +31,26 @@ Iterating an `Input` gives these dicts (numpy arrays, and Python lists for strin
 JSON string).
 
 Steps per example: read the example from the source, assemble tokens and masks
-(`paligemma.prompt.assemble`), decode the image with PIL (`images.decode`), resize to
-`image_size` (bilinear with antialias), scale to [-1, 1]; examples are processed in
-parallel, order preserved.
+(`paligemma.prompt.assemble`), decode the image (`images.decode`: TF's decoders as
+big_vision's `decode`, PIL for the rest), resize to `image_size` and scale to [-1, 1]
+(`images.resize_and_scale`: big_vision's `resize(R, antialias=...)|value_range(-1, 1)`,
+bit for bit; antialias=False is the plain `resize(R)` of some task transfers); examples
+are processed in parallel, order preserved.
 
 Order and sharding (training): epoch e visits the examples in the permutation drawn
 from (seed, e); process p of P takes every P-th example of it from the p-th on, cut to
 len(source) // P so every process has as many (the few left over differ each epoch).
 Shards are disjoint and together cover the data. The whole-epoch permutation replaces
-a shuffle buffer: it shuffles fully, and step s starts at example s * B of the stream,
-so `start_step` resumes without reading the skipped data. (If images were skipped as
-unreadable before `start_step`, the resumed stream is that many examples ahead.)
+a shuffle buffer: it shuffles fully, and `start_position` resumes at any point of the
+stream without reading what comes before. Skipped examples take a place in the stream
+but not in a batch, so the trainer resumes from the `position` of the last example it
+trained on + 1 (stored in its checkpoints), not from step * B.
 
 Bad data: an unreadable image (missing, corrupt, not an image, a decompression bomb) is
 skipped, counted in `Input.stats` and named in a warning; with on_bad_image="raise" it
-stops the run instead. Over-long examples are truncated and counted (`Input.stats`).
+stops the run instead. Over-long training examples are truncated, flagged (`truncated`)
+and counted (`Input.stats`); an evaluation prompt that does not fit text_len with its
+separator raises, naming the example.
 """
 
 import dataclasses
@@ -57,7 +66,7 @@ from paligemma import prompt
 from paligemma.data import images
 from paligemma.data import sources
 
-TRAIN_KEYS = ("image", "text", "mask_ar", "mask_loss")
+TRAIN_KEYS = ("image", "text", "mask_ar", "mask_loss", "position", "truncated")
 EVAL_KEYS = ("image", "text", "mask_ar", "mask_input", "valid", "index", "id", "prefix",
              "references")
 BAD_IMAGE_POLICIES = ("skip", "raise")
@@ -144,7 +153,7 @@ def _example_fn(source, tokenizer, text_len, mode, stats, on_bad_image, max_pixe
   def fn(index):
     index = int(index)
     if index < 0:  # Eval padding row: a harmless 2-token prompt, marked invalid.
-      return (blank, False, *pad_tokens.values(), b"", b"", b"[]")
+      return (blank, False, False, *pad_tokens.values(), b"", b"", b"[]")
     ex = source[index]
     # In evaluation the suffix is the answer to predict, never part of the input.
     suffix = ex.get("suffix") if mode == "train" else None
@@ -153,6 +162,12 @@ def _example_fn(source, tokenizer, text_len, mode, stats, on_bad_image, max_pixe
                                           mode=mode)
     except ValueError as e:
       raise ValueError(f"{source!r}, example {ex.get('id')!r}: {e}") from None
+    if truncated and mode == "eval":
+      # The prompt lost its end (the "\n" separator at least): the model would continue
+      # the prefix instead of answering. Never silently.
+      raise ValueError(f"{source!r}, example {ex.get('id')!r}: the prompt {ex['prefix']!r} "
+                       f"does not fit text_len={text_len} tokens with its separator; raise "
+                       "config.input.text_len or shorten the prompt.")
     if truncated:
       stats.add_truncated(ex["id"])
     ok = True
@@ -167,39 +182,49 @@ def _example_fn(source, tokenizer, text_len, mode, stats, on_bad_image, max_pixe
       if stats.num_skipped >= len(source):
         raise ValueError(f"Every image of {source!r} is unreadable; first: {e}") from None
     refs = json.dumps(list(ex.get("references") or []))
-    return (image, ok, *tokens.values(), ex["id"].encode(), ex["prefix"].encode(),
+    return (image, ok, truncated, *tokens.values(), ex["id"].encode(), ex["prefix"].encode(),
             refs.encode())
 
   return fn
 
 
 def _build(indices, source, tokenizer, image_size, text_len, mode, stats, on_bad_image,
-           max_pixels, antialias):
-  """tf.data.Dataset of single processed examples, for the index stream `indices`."""
+           max_pixels, antialias, start_position=0):
+  """tf.data.Dataset of single processed examples, for the index stream `indices`.
+
+  Training examples carry their `position` in the stream (the first is start_position).
+  """
   keys = ("text", "mask_ar", "mask_loss" if mode == "train" else "mask_input")
   length = text_len + 1 if mode == "train" else text_len
   fn = _example_fn(source, tokenizer, text_len, mode, stats, on_bad_image, max_pixels)
   size = _size(image_size)
 
-  def process(index):
+  def process(position, index):
     out = tf.numpy_function(
-        fn, [index], [tf.uint8, tf.bool, tf.int32, tf.int32, tf.int32, tf.string, tf.string,
-                      tf.string], stateful=False)
+        fn, [index], [tf.uint8, tf.bool, tf.bool, tf.int32, tf.int32, tf.int32, tf.string,
+                      tf.string, tf.string], stateful=False)
     image = tf.ensure_shape(out[0], [None, None, 3])
-    image = tf.image.resize(image, size, method="bilinear", antialias=antialias)
-    image = tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
+    image = images.resize_and_scale(image, size, antialias)
     ex = {"image": tf.ensure_shape(image, [*size, 3]), "ok": tf.ensure_shape(out[1], [])}
-    for k, v in zip(keys, out[2:5]):
+    for k, v in zip(keys, out[3:6]):
       ex[k] = tf.ensure_shape(v, [length])
     if mode == "eval":
       ex["valid"] = tf.logical_and(ex.pop("ok"), index >= 0)
       ex["index"] = tf.cast(index, tf.int32)
-      ex.update(id=out[5], prefix=out[6], references=out[7])
+      ex.update(id=out[6], prefix=out[7], references=out[8])
+    else:
+      ex.update(position=position, truncated=tf.ensure_shape(out[2], []))
     return ex
 
   ds = tf.data.Dataset.from_generator(
-      indices, output_signature=tf.TensorSpec([], tf.int64))
+      indices, output_signature=tf.TensorSpec([], tf.int64)).enumerate(start_position)
   return ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def steps_per_epoch(num_examples, batch_size, process_count):
+  """Training steps in one epoch: every process takes num_examples // process_count
+  examples an epoch (see "Order and sharding"), batch_size (global) a step."""
+  return (num_examples // process_count) * process_count / batch_size
 
 
 def train_indices(num_examples, seed, process_index, process_count, start=0, num_epochs=None):
@@ -232,24 +257,27 @@ def _train_keys(ex):
 
 
 def make_train_input(source, tokenizer, *, image_size, text_len, batch_size, seed=0,
-                     start_step=0, num_epochs=None, process_index=None, process_count=None,
+                     start_step=0, start_position=None, num_epochs=None,
+                     process_index=None, process_count=None,
                      on_bad_image="skip", max_pixels=images.MAX_PIXELS, antialias=True,
                      prefetch=2):
   """Training `Input`: shuffled, repeated (num_epochs=None: forever), full batches only.
 
   `source` is a config dict for `make_source` or a source; `batch_size` is global.
+  start_position: where this process's stream starts (a checkpoint's data position);
+  None: start_step * B (exact only when no example before it was skipped).
   """
   source = sources.make_source(source)
   p, count = _processes(process_index, process_count)
   local = _local_batch(batch_size, count)
   stats = Stats()
-  start = int(start_step) * local
+  start = int(start_step) * local if start_position is None else int(start_position)
   indices = lambda: train_indices(len(source), seed, p, count, start, num_epochs)
   ds = _build(indices, source, tokenizer, image_size, text_len, "train", stats, on_bad_image,
-              max_pixels, antialias)
+              max_pixels, antialias, start)
   ds = ds.filter(_is_ok).map(_train_keys)
   ds = ds.batch(local, drop_remainder=True).prefetch(prefetch)
-  steps = (len(source) // count) * count / batch_size
+  steps = steps_per_epoch(len(source), batch_size, count)
   return Input(ds, source, stats, local, len(source), steps, "train")
 
 
