@@ -25,12 +25,6 @@ import sys
 from absl import app
 import ml_collections
 
-# Transfer configs import their shared pieces as `configs.*` (the folder next to the
-# package): make it importable whatever the working directory.
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_REPO, "configs")) and _REPO not in sys.path:
-  sys.path.append(_REPO)
-
 # Dicts whose keys are not fixed by the trainer's schema: new keys may be added there
 # (their owners validate them: the tower variants, make_source, optax, the evaluators).
 FREE_FORM = ("model.img", "model.llm", "input.data", "optim.kwargs", "optim.schedule",
@@ -198,11 +192,23 @@ def split_argv(argv):
   return spec, overrides, rest
 
 
+# Keys of big_vision's configs that mean something else here: a config ported from it
+# must not run with them silently ignored.
+_BIG_VISION_KEYS = {
+    "sharding_rules": "big_vision's activation sharding; here the batch is split over "
+                      "config.batch_axes and parameters are placed by "
+                      "config.sharding_strategy (paligemma/sharding.py)",
+}
+
+
 def validate(config):
   """Raises ConfigError naming any key the trainer does not know (a typo in a config)."""
-  from configs import common  # pylint: disable=g-import-not-at-top
-  base = common.base_config()
+  # Imported here: transfer_configs imports this module (parse_bool).
+  from paligemma import transfer_configs  # pylint: disable=g-import-not-at-top
+  base = transfer_configs.base_config()
   for key in config:
+    if key in _BIG_VISION_KEYS:
+      raise ConfigError(f"Unknown config key {key!r}: {_BIG_VISION_KEYS[key]}.")
     if key not in base:
       raise unknown_key(base, key)
   for group in ("model", "input", "optim"):

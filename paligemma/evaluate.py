@@ -48,16 +48,17 @@ def evaluate(config, checkpoint, out, *, tokenizer=None, only=None, progress=Tru
   model, params, tok, _ = predict.load_for_inference(
       checkpoint, tokenizer=tokenizer or config.get("tokenizer"),
       model_config=None if predict.is_workdir(checkpoint) else overrides)
-  image_size = config.input.image_size if "input" in config else model.img["image_size"]
+  image_size = config.input.image_size if "input" in config else model.img.image_size
   text_len = config.input.text_len if "input" in config else 64
+  antialias = config.input.get("antialias", True) if "input" in config else True
   tf.io.gfile.makedirs(out)
   metrics = {}
   for name, cfg in evals.items():
     if only and name not in only:
       continue
     ev = make_evaluator(cfg.type, cfg, model=model, tokenizer=tok, image_size=image_size,
-                        text_len=text_len, predictions_dir=out, eval_name=name,
-                        progress=progress)
+                        text_len=text_len, antialias=antialias, predictions_dir=out,
+                        eval_name=name, progress=progress)
     for k, v in ev.run(params).items():
       metrics[f"{name}/{k}"] = float(v)
   json_files.write_json(os.path.join(out, "metrics.json"), metrics)

@@ -1,9 +1,9 @@
 """The optax chain from the config: groups of parameters, schedules, optimizers.
 
 Parameters are named by their "/"-joined path ("llm/layers/attn/q_einsum/w"). The
-config's `schedule` assigns every parameter to a group: a list of `(regex, schedule)`
-pairs, the first full match wins, and a schedule of None freezes the group. Or one of
-the presets (PRESETS):
+config's `schedule` assigns every parameter to a group: a rule table (paligemma/rules.py)
+of `(regex, schedule)` pairs, the first full match wins, and a schedule of None freezes
+the group. Or one of the presets (PRESETS):
 
   "full"            every parameter trained
   "freeze_vision"   img/* frozen (the vision tower and the projector), the LLM trained
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from paligemma import rules
 from paligemma.checkpoint.tree import flatten, unflatten  # pylint: disable=unused-import
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor")
@@ -44,37 +45,17 @@ DEFAULT_WD_MASK = r".*/(kernel|w|gating_einsum|linear)"
 
 def groups_from_config(schedule, default_schedule):
   """[(compiled regex, schedule dict | None)] from a preset name or a list of pairs."""
-  if isinstance(schedule, str):
-    if schedule not in PRESETS:
-      raise ValueError(f"config.schedule {schedule!r} is not a preset; use one of "
-                       f"{list(PRESETS)} or a list of (regex, schedule | None) pairs.")
-    schedule = PRESETS[schedule]
-  groups = []
-  for item in schedule:
-    if len(item) != 2:
-      raise ValueError(f"config.schedule entry {item!r} must be a (regex, schedule | None) pair.")
-    pattern, sched = item
-    if sched == "default":
-      sched = default_schedule
-    try:
-      groups.append((re.compile(pattern), None if sched is None else dict(sched)))
-    except re.error as e:
-      raise ValueError(f"config.schedule regex {pattern!r} is invalid: {e}") from None
-  return groups
+  rows = rules.table(schedule, PRESETS, "config.schedule", "(regex, schedule | None)")
+  return [(pattern, None if sched is None else
+           dict(default_schedule if sched == "default" else sched))
+          for pattern, sched in rows]
 
 
 def assign_groups(names, groups):
   """{name: group index} (first full match); raises naming any parameter no group matches."""
-  out = {}
-  for name in names:
-    for i, (pattern, _) in enumerate(groups):
-      if pattern.fullmatch(name):
-        out[name] = i
-        break
-    else:
-      raise ValueError(f"Parameter {name!r} matches no config.schedule regex; add a catch-all "
-                       "('.*', None) to freeze the rest, or ('.*', 'default') to train it.")
-  return out
+  hint = ("add a catch-all ('.*', None) to freeze the rest, or ('.*', 'default') to "
+          "train it")
+  return {name: rules.first_match(groups, name, "config.schedule", hint) for name in names}
 
 
 def partition(params, groups):

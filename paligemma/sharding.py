@@ -1,9 +1,12 @@
 """Device mesh, per-parameter sharding rules and batch sharding, from the config.
 
   config.mesh = [("data", -1)]            axis name -> size; one -1 takes the rest
-  config.sharding_rules = "fsdp_tp"       a preset name (PRESETS), or [(regex, rule)]:
-                                          first full match on the "/"-joined param name
+  config.sharding_strategy = "fsdp_tp"    a preset name (PRESETS), or [(regex, rule)]: a
+                                          rule table (paligemma/rules.py), first full
+                                          match on the "/"-joined param name
   config.batch_axes = ["data"]            mesh axes the batch dimension is split over
+                                          (the activations' sharding: big_vision's
+                                          `sharding_rules`)
 
 A rule is one op or a list of ops applied in order, each on the dimensions still free:
   "replicate"        a full copy on every device
@@ -13,7 +16,8 @@ A rule is one op or a list of ops applied in order, each on the dimensions still
                      raises if the mesh has no AX or DIM does not divide
   "shard:DIM:AX?"    the same where possible, else a no-op: no AX in the mesh, or DIM
                      not divisible (e.g. Gemma 2B's single kv head over 2 devices)
-Parameters no rule matches are replicated. Optimizer state follows its parameter.
+Parameters no rule matches are replicated (the table gets a last row (".*",
+"replicate")). Optimizer state follows its parameter.
 
 Presets (PRESETS):
   "fsdp"       every parameter fsdp over "data" (ZeRO-3 style: weights all-gathered
@@ -38,6 +42,8 @@ from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from paligemma import rules as rules_lib
+
 # Environment variables that mean "this process is one of several". (Cloud TPU VMs
 # show it only through the metadata server: run pods with --config.distributed=True.)
 _MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS",)
@@ -58,6 +64,7 @@ _TENSOR_PARALLEL = [
     (_VIT + r"MlpBlock_0/Dense_0/(kernel|bias)", "shard:-1:model?"),  # [D, M], [M]
     (_VIT + r"MlpBlock_0/Dense_1/kernel", "shard:-2:model?"),         # [M, D]
 ]
+_REPLICATE_THE_REST = [(re.compile(".*"), "replicate")]
 PRESETS = {
     "fsdp": [(".*", "fsdp")],
     "replicate": [(".*", "replicate")],
@@ -110,9 +117,10 @@ def initialize_distributed(mode="auto"):
   return True
 
 
-def make_mesh(axes, devices=None):
-  """Mesh from [(name, size)], one size may be -1 (the remaining devices)."""
-  devices = jax.devices() if devices is None else list(devices)
+def mesh_shape(axes, num_devices=None):
+  """(names, sizes) of config.mesh [(name, size)] on `num_devices`: the one size -1 (at
+  most one) takes the devices the others leave. num_devices None: as many as the fixed
+  sizes use (a -1 axis gets 1), as when planning for a mesh written out in full."""
   names = [str(a) for a, _ in axes]
   sizes = [int(s) for _, s in axes]
   if len(set(names)) != len(names):
@@ -120,13 +128,22 @@ def make_mesh(axes, devices=None):
   if sizes.count(-1) > 1:
     raise ValueError(f"config.mesh {axes}: at most one axis may have size -1.")
   known = int(np.prod([s for s in sizes if s != -1]))
-  if known < 1 or len(devices) % known:
-    raise ValueError(f"config.mesh {axes} does not fit {len(devices)} devices: the product "
+  num_devices = known if num_devices is None else num_devices
+  if known < 1 or num_devices % known:
+    raise ValueError(f"config.mesh {axes} does not fit {num_devices} devices: the product "
                      "of the sizes must divide the device count.")
-  sizes = [len(devices) // known if s == -1 else s for s in sizes]
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"config.mesh {axes} uses {int(np.prod(sizes))} of {len(devices)} devices; "
-                     "set one axis to -1 or make the sizes multiply to the device count.")
+  sizes = [num_devices // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(f"config.mesh {axes} uses {int(np.prod(sizes))} of {num_devices} "
+                     "devices; set one axis to -1 or make the sizes multiply to the device "
+                     "count.")
+  return names, sizes
+
+
+def make_mesh(axes, devices=None):
+  """Mesh from [(name, size)], one size may be -1 (the remaining devices)."""
+  devices = jax.devices() if devices is None else list(devices)
+  names, sizes = mesh_shape(axes, len(devices))
   try:
     grid = mesh_utils.create_device_mesh(sizes, devices)
   except Exception:  # pylint: disable=broad-except
@@ -138,27 +155,17 @@ def _ops(rule):
   return [rule] if isinstance(rule, str) else list(rule)
 
 
-def resolve_rules(rules):
-  """[(regex, rule)] from a preset name (PRESETS) or a list of (regex, rule) pairs."""
-  if isinstance(rules, str):
-    if rules not in PRESETS:
-      raise ValueError(f"config.sharding_rules {rules!r} is not a preset; use one of "
-                       f"{sorted(PRESETS)} or a list of (regex, rule) pairs.")
-    return PRESETS[rules]
-  rules = list(rules)
-  for item in rules:
-    if len(item) != 2:
-      raise ValueError(f"config.sharding_rules entry {item!r} must be a (regex, rule) pair.")
-  return rules
+def resolve_rules(strategy):
+  """[(compiled regex, rule)] of config.sharding_strategy (a preset name or (regex, rule)
+  pairs), ending with (".*", "replicate") for the parameters no row names."""
+  return (rules_lib.table(strategy, PRESETS, "config.sharding_strategy", "(regex, rule)")
+          + _REPLICATE_THE_REST)
 
 
-def spec_for(mesh, rules, name, shape):
+def spec_for(mesh, strategy, name, shape):
   """PartitionSpec of one parameter (see the module docstring for the rules)."""
-  rule = "replicate"
-  for pattern, r in resolve_rules(rules):
-    if re.fullmatch(pattern, name):
-      rule = r
-      break
+  table = resolve_rules(strategy)
+  rule = table[rules_lib.first_match(table, name, "config.sharding_strategy")][1]
   spec = [None] * len(shape)
   for op in _ops(rule):
     kind, *args = str(op).split(":")
@@ -186,9 +193,9 @@ def spec_for(mesh, rules, name, shape):
                          f"devices of {axis!r}; write {op + '?'!r} to skip it where it "
                          "does not fit.")
     else:
-      raise ValueError(f"Unknown sharding rule {op!r} for {name} in config.sharding_rules; valid:"
-                       " 'replicate', 'fsdp', 'fsdp:AXIS', 'shard:DIM:AXIS', 'shard:DIM:AXIS?'"
-                       " or a list of them.")
+      raise ValueError(f"Unknown sharding rule {op!r} for {name} in "
+                       "config.sharding_strategy; valid: 'replicate', 'fsdp', 'fsdp:AXIS', "
+                       "'shard:DIM:AXIS', 'shard:DIM:AXIS?' or a list of them.")
   return P(*spec)
 
 
@@ -199,9 +206,10 @@ def _axis_size(mesh, axis, name):
   return mesh.shape[axis]
 
 
-def param_shardings(mesh, rules, flat_shapes):
+def param_shardings(mesh, strategy, flat_shapes):
   """{name: NamedSharding} for a flat {name: shape-bearing leaf} dict."""
-  return {k: NamedSharding(mesh, spec_for(mesh, rules, k, v.shape)) for k, v in flat_shapes.items()}
+  return {k: NamedSharding(mesh, spec_for(mesh, strategy, k, v.shape))
+          for k, v in flat_shapes.items()}
 
 
 def replicated(mesh):

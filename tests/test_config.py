@@ -19,12 +19,12 @@ def _load(*overrides, arg="evals=False"):
 
 def test_overrides_take_each_fields_type():
   c = _load("optim.lr=3e-4", "total_steps=7", "progress=false", "input.batch_size=4",
-            "mesh=[('data', 4), ('model', 2)]", "sharding_rules=fsdp", "distributed=False",
+            "mesh=[('data', 4), ('model', 2)]", "sharding_strategy=fsdp", "distributed=False",
             "schedule=[('img/.*', None), ('.*', 'default')]", "frozen_dtype=float16",
             "model_init=None")
   assert c.optim.lr == 3e-4 and isinstance(c.optim.lr, float)
   assert c.total_steps == 7 and c.progress is False and c.input.batch_size == 4
-  assert c.mesh == [("data", 4), ("model", 2)] and c.sharding_rules == "fsdp"
+  assert c.mesh == [("data", 4), ("model", 2)] and c.sharding_strategy == "fsdp"
   assert c.distributed is False and c.schedule == [("img/.*", None), (".*", "default")]
   assert c.frozen_dtype == "float16" and c.model_init is None
   config_lib.validate(c)

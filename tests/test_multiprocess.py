@@ -10,14 +10,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # pylint: disable=g-import-not-at-top
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# The command, environment and one-process reference run shared with the 8-device test.
+# The command, environment and one-process reference run shared with the 8-device test
+# (importable as pytest puts each test file's folder on the path).
 from test_multidevice import (  # pylint: disable=g-import-not-at-top,wrong-import-position
     REPO, STEPS, TOLERANCE, env, losses, max_difference, shapes_reference, train_command,
     wait)

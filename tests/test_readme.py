@@ -40,7 +40,9 @@ import pytest
 from PIL import Image
 
 from paligemma import checkpoint
+from paligemma import config as config_lib
 from paligemma import tokenizer as tokenizer_lib
+from paligemma import transfer_configs
 from paligemma.checkpoint import tree
 from paligemma.data import shapes
 
@@ -291,13 +293,11 @@ def test_every_transfer_config_is_listed():
 
 
 def test_config_keys_table_matches_base_config():
-  sys.path.insert(0, REPO)
-  from configs import common  # pylint: disable=g-import-not-at-top
   with open(README, encoding="utf-8") as f:
     text = f.read()
   section = text.split("## Configs: every key", 1)[1].split("\n## ", 1)[0]
   documented = set(re.findall(r"`([a-z_]+(?:\.[a-z_]+)?)`", section))
-  base = common.base_config()
+  base = transfer_configs.base_config()
   keys = {k for k in base if k not in ("input", "optim", "model")}
   keys |= {f"{g}.{k}" for g in ("input", "optim", "model") for k in base[g]}
   missing = sorted(keys - documented)
@@ -367,10 +367,8 @@ def _jsonl_data(root):
 def _shapes_workdir(workdir):
   """transfers/shapes.py's export layout (params.npz, model_config.json, config.json),
   random weights: what /tmp/shapes holds after the demo, for predict and evaluate."""
-  sys.path.insert(0, REPO)
   from paligemma.models import variants  # pylint: disable=g-import-not-at-top
-  from transfers import shapes as shapes_transfer  # pylint: disable=g-import-not-at-top
-  config = shapes_transfer.get_config(None)
+  config = config_lib.load(os.path.join(REPO, "transfers", "shapes.py"))
   model_config = {"img": variants.resolve_vit(dict(config.model.img)),
                   "llm": variants.resolve_gemma(dict(config.model.llm))}
   rng = np.random.default_rng(0)
@@ -419,7 +417,7 @@ def _bash(root, command, rule):
 def readme_runs(tmp_path_factory):
   """{command: CompletedProcess} of every `run` command, two at a time, in their order."""
   root = str(tmp_path_factory.mktemp("readme"))
-  for name in ("transfers", "benchmarks", "configs"):
+  for name in ("transfers", "benchmarks"):
     os.symlink(os.path.join(REPO, name), os.path.join(root, name))
   os.makedirs(os.path.join(root, "tmp"))
   _shapes_workdir(os.path.join(root, "tmp", "shapes"))

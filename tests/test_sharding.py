@@ -60,6 +60,20 @@ def test_mesh_one_device_and_errors():
     sharding.make_mesh([("data", 3)], devices=jax.devices() * 2)
 
 
+def test_mesh_shape_resolves_the_one_free_axis():
+  # The one resolution of config.mesh, for the trainer's mesh and the planner's.
+  assert sharding.mesh_shape([("data", -1), ("model", 2)], 8) == (["data", "model"], [4, 2])
+  assert sharding.mesh_shape([("data", 4), ("model", 2)], 8) == (["data", "model"], [4, 2])
+  # No device count (the planner without --devices): the fixed sizes, -1 taking 1.
+  assert sharding.mesh_shape([("data", -1), ("model", 2)]) == (["data", "model"], [1, 2])
+  with pytest.raises(ValueError, match="must be distinct"):
+    sharding.mesh_shape([("data", 2), ("data", 2)], 4)
+  with pytest.raises(ValueError, match="does not fit 6 devices"):
+    sharding.mesh_shape([("data", -1), ("model", 4)], 6)
+  with pytest.raises(ValueError, match="uses 2 of 4 devices"):
+    sharding.mesh_shape([("data", 2)], 4)
+
+
 def test_distributed_detection(monkeypatch):
   for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
             "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
@@ -185,13 +199,13 @@ def test_distributed_modes(monkeypatch):
 
 
 def test_config_takes_mesh_and_rules_from_the_command_line():
-  """--config.mesh='[("data", 4), ("model", 2)]' and --config.sharding_rules=fsdp parse."""
+  """--config.mesh='[("data", 4), ("model", 2)]' and --config.sharding_strategy=fsdp parse."""
   from paligemma import config as config_lib  # pylint: disable=g-import-not-at-top
   spec, overrides, _ = config_lib.split_argv(
       ["prog", "--config=transfers/shapes.py:evals=False",
-       "--config.mesh=[('data', 4), ('model', 2)]", "--config.sharding_rules=fsdp",
+       "--config.mesh=[('data', 4), ('model', 2)]", "--config.sharding_strategy=fsdp",
        "--config.distributed=False"])
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   c = config_lib.load(os.path.join(repo, spec), overrides)
   assert c.mesh == [("data", 4), ("model", 2)], c.mesh
-  assert c.sharding_rules == "fsdp" and c.distributed is False, c
+  assert c.sharding_strategy == "fsdp" and c.distributed is False, c

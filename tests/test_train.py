@@ -16,7 +16,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # `configs` and `transfers`, as the trainer sees them.
+SHAPES = os.path.join(REPO, "transfers", "shapes.py")
 
 from paligemma import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from paligemma import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -24,11 +24,15 @@ from paligemma import train  # pylint: disable=g-import-not-at-top,wrong-import-
 from paligemma.data import shapes as shapes_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from paligemma.trainer import lock as lock_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from paligemma.trainer import metrics as metrics_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from transfers import shapes  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 STEPS = 12
 ARG = f"steps={STEPS},batch_size=8,evals=False"
 FLAGS = ["--config.ckpt_every=4", "--config.log_every=1", "--config.progress=False"]
+
+
+def _shapes_config(arg):
+  """transfers/shapes.py:arg, loaded as the trainer's --config loads it."""
+  return config_lib.load(f"{SHAPES}:{arg}")
 
 
 def _env(tmp, devices=1):
@@ -223,10 +227,10 @@ def test_second_training_in_a_workdir_is_refused(tmp_path):
 
 def test_tokenizer_must_fit_model_init(tmp_path):
   """A tiny-tokenizer run from a checkpoint of another vocabulary is refused, not trimmed."""
-  config = shapes.get_config(ARG)
+  config = _shapes_config(ARG)
   config.model.llm.vocab_size = 2048
   train.checkpoint.save_npz(optim.unflatten(_initial_params(config)), str(tmp_path / "i.npz"))
-  config = shapes.get_config(ARG)
+  config = _shapes_config(ARG)
   config.model_init = str(tmp_path / "i.npz")  # The config asks for 1,920 rows.
   with pytest.raises(config_lib.ConfigError, match=r"1,920 pieces but model_init .* 2,048"):
     train.train(config, str(tmp_path / "w"))
@@ -236,7 +240,7 @@ def test_tokenizer_must_fit_model_init(tmp_path):
 
 
 def test_validate_names_a_mistyped_key():
-  config = shapes.get_config(ARG)
+  config = _shapes_config(ARG)
   config.unlock()
   config.optim.lr_shedule = 1.0
   with pytest.raises(ValueError, match="optim.lr_shedule"):
@@ -244,7 +248,7 @@ def test_validate_names_a_mistyped_key():
 
 
 def _in_process(workdir, arg=ARG, **overrides):
-  config = shapes.get_config(arg)
+  config = _shapes_config(arg)
   config.progress = False
   config.log_every = 1
   for k, v in overrides.items():
@@ -253,7 +257,7 @@ def _in_process(workdir, arg=ARG, **overrides):
 
 
 def _initial_params(config):
-  model = train.build_model(config)
+  model = train.build_lib.build_model(config.model)
   params, _ = train.init_params(config, model, train.sharding.make_mesh(config.mesh))
   return {k: np.asarray(v) for k, v in optim.flatten(params).items()}
 
@@ -294,11 +298,11 @@ def test_frozen_groups_bit_identical_and_stateless(tmp_path):
 @pytest.mark.parametrize("from_checkpoint", [False, True])
 def test_frozen_leaves_are_made_in_frozen_dtype(tmp_path, from_checkpoint):
   # Loaded (or initialised) straight in their own dtype: frozen float16, trainable float32.
-  config = shapes.get_config(ARG)
+  config = _shapes_config(ARG)
   config.schedule, config.frozen_dtype = "attention_only", "float16"
   reference = None
   if from_checkpoint:
-    plain = shapes.get_config(ARG)
+    plain = _shapes_config(ARG)
     reference = _initial_params(plain)
     train.checkpoint.save_npz(optim.unflatten(reference), str(tmp_path / "init.npz"))
     config.model_init = str(tmp_path / "init.npz")

@@ -9,16 +9,17 @@ vision tower frozen, bfloat16 compute. Validation: perplexity and COCO mAP.
 Arguments: annotations, images, val_annotations, val_images, tokenizer, checkpoint.
 """
 
-from configs import common
+from paligemma import transfer_configs
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(
+  arg = transfer_configs.parse_arg(
       arg, annotations="coco/annotations/instances_train2017.json", images="coco/train2017",
       val_annotations="coco/annotations/instances_val2017.json", val_images="coco/val2017",
       tokenizer="paligemma_tokenizer.model",
       checkpoint="kaggle:google/paligemma-2/jax/paligemma2-3b-pt-448")
-  c = common.pretrained_config(arg.checkpoint, arg.tokenizer, image_size=448, dtype="bfloat16")
+  c = transfer_configs.pretrained_config(arg.checkpoint, arg.tokenizer, image_size=448,
+                                         dtype="bfloat16")
 
   c.input.data = dict(name="coco_detection", annotations=arg.annotations, images=arg.images,
                       shuffle_objects=True)
@@ -33,7 +34,7 @@ def get_config(arg=None):
 
   c.ckpt_every = 1000
   val = dict(name="coco_detection", annotations=arg.val_annotations, images=arg.val_images)
-  c.evals.val = common.perplexity_eval(val, every=2000, batch_size=32)
+  c.evals.val = transfer_configs.perplexity_eval(val, every=2000, batch_size=32)
   c.evals.detection = dict(type="detection", data=val, every=4000, batch_size=32,
                            max_decode_len=128)
   c.export_dtype = "bfloat16"

@@ -8,14 +8,16 @@ towers trained, bfloat16 compute on float32 weights, export bfloat16.
 Arguments: train, val, tokenizer, checkpoint.
 """
 
-from configs import common
+from paligemma import transfer_configs
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, train="coco/train.jsonl", val="coco/val.jsonl",
-                         tokenizer="paligemma_tokenizer.model",
-                         checkpoint="kaggle:google/paligemma-2/jax/paligemma2-3b-pt-224")
-  c = common.pretrained_config(arg.checkpoint, arg.tokenizer, image_size=224, dtype="bfloat16")
+  arg = transfer_configs.parse_arg(
+      arg, train="coco/train.jsonl", val="coco/val.jsonl",
+      tokenizer="paligemma_tokenizer.model",
+      checkpoint="kaggle:google/paligemma-2/jax/paligemma2-3b-pt-224")
+  c = transfer_configs.pretrained_config(arg.checkpoint, arg.tokenizer, image_size=224,
+                                         dtype="bfloat16")
 
   c.input.data = dict(name="jsonl", path=arg.train)
   c.input.text_len = 64
@@ -28,6 +30,6 @@ def get_config(arg=None):
 
   c.ckpt_every = 1000
   val = dict(name="jsonl", path=arg.val)
-  c.evals = common.caption_evals(val, every=2000, batch_size=32, max_decode_len=64)
+  c.evals = transfer_configs.caption_evals(val, every=2000, batch_size=32, max_decode_len=64)
   c.export_dtype = "bfloat16"
   return c

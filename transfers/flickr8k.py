@@ -1,4 +1,4 @@
-r"""Flickr8k captions, the brief's JAX recipe: only the attention layers train.
+r"""Flickr8k captions on one 16 GB T4: only the language model's attention layers train.
 
   python -m paligemma.train \
       --config transfers/flickr8k.py:directory=/data/flickr8k,checkpoint=kaggle:google/paligemma-2/jax/paligemma2-3b-pt-224 \
@@ -22,14 +22,14 @@ Memory: sized to fit one 16 GB T4 (`python -m paligemma.plan --config transfers/
     in vocabulary chunks, forward and backward (trainer/loss.py).
 """
 
-from configs import common
+from paligemma import transfer_configs
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(
+  arg = transfer_configs.parse_arg(
       arg, directory="flickr8k", tokenizer="paligemma_tokenizer.model",
       checkpoint="kaggle:google/paligemma-2/jax/paligemma2-3b-pt-224")
-  c = common.pretrained_config(arg.checkpoint, arg.tokenizer, image_size=224)
+  c = transfer_configs.pretrained_config(arg.checkpoint, arg.tokenizer, image_size=224)
 
   c.input.data = dict(name="flickr8k", directory=arg.directory, split="train",
                       train_size=1200, val_size=300)
@@ -48,6 +48,6 @@ def get_config(arg=None):
   c.ckpt_every = 500
   val = dict(name="flickr8k", directory=arg.directory, split="validation", train_size=1200,
              val_size=300)
-  c.evals = common.caption_evals(val, every=1000, batch_size=10, max_decode_len=64)
+  c.evals = transfer_configs.caption_evals(val, every=1000, batch_size=10, max_decode_len=64)
   c.export_dtype = "float16"
   return c

@@ -9,15 +9,15 @@ Arguments (`:key=value,...`): task (caption | detect), steps, batch_size, evals 
 no periodic evaluation, for quick checks).
 """
 
-from configs import common
+from paligemma import transfer_configs
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, task="caption", steps=0, batch_size=32, evals=True)
+  arg = transfer_configs.parse_arg(arg, task="caption", steps=0, batch_size=32, evals=True)
   detect = arg.task == "detect"
-  c = common.base_config()
+  c = transfer_configs.base_config()
 
-  c.model = common.TINY_MODEL
+  c.model = transfer_configs.TINY_MODEL
   c.input.image_size = 32
   c.input.text_len = 24 if detect else 12
   c.input.batch_size = arg.batch_size
@@ -39,7 +39,7 @@ def get_config(arg=None):
     return c
   # Held-out images: another seed of the generator.
   val = dict(name="shapes", task=arg.task, num_examples=256, seed=1, image_size=32)
-  c.evals.val = common.perplexity_eval(val, every=c.total_steps // 4, batch_size=64)
+  c.evals.val = transfer_configs.perplexity_eval(val, every=c.total_steps // 4, batch_size=64)
   if detect:
     c.evals.detect = dict(type="detection", data=val, every=c.total_steps, batch_size=64,
                           max_decode_len=c.input.text_len)

@@ -32,6 +32,7 @@ Context arguments of `make_evaluator` (the run's, not the evaluator's):
   data_sharding    optional jax.sharding.Sharding for batch arrays (batch axis first);
                    needed with several processes, where each feeds its own rows
   progress         show a tqdm bar (default True)
+  antialias        resize with antialiasing (default True), the run's input.antialias
 
 Metrics are floats; fractions in [0, 1] (accuracies, mAP, IoU), pycocoevalcap's scale
 for CIDEr etc. Registry: perplexity, caption, exact_match, vqa, detection.

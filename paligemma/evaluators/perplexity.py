@@ -36,7 +36,7 @@ class PerplexityEvaluator(base.Evaluator):
                        f"batch of {self.batch_size}; lower its batch_size.")
     data = pipeline.make_train_input(self.source, self.tokenizer, image_size=self.image_size,
                                      text_len=self.text_len, batch_size=self.batch_size,
-                                     seed=0, num_epochs=1)
+                                     seed=0, num_epochs=1, antialias=self.antialias)
     losses = []
     keys = ("image", "text", "mask_ar", "mask_loss")
     for batch in self._bar(data, int(data.steps_per_epoch)):

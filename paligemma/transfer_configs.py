@@ -1,12 +1,26 @@
-"""The base config every transfer starts from: every key the trainer reads, with defaults.
+"""What transfer configs are built from: the trainer's schema and the pieces they share.
 
-A transfer config (transfers/*.py) calls `base_config()` and sets what its recipe
-needs. The trainer rejects keys that are not here, naming them, so a typo in a config
-file or on the command line (`--config.optim.lrr=...`) fails before any work.
+A transfer config is a Python file anywhere on disk (transfers/*.py in this repo, or your
+own) whose `get_config(arg)` calls `base_config()` and sets what its recipe needs:
+
+  from paligemma import transfer_configs
+
+  def get_config(arg=None):
+    arg = transfer_configs.parse_arg(arg, train="train.jsonl")
+    c = transfer_configs.base_config()
+    c.input.data = dict(name="jsonl", path=arg.train)
+    return c
+
+It lives in the package, not beside the transfer files, so that a config file imports
+only `paligemma` and runs from any directory and any install. The trainer rejects keys
+that are not in `base_config()`, naming them, so a typo in a config file or on the
+command line (`--config.optim.lrr=...`) fails before any work.
 """
 
 import ml_collections
 from ml_collections import config_dict
+
+from paligemma import config as config_lib
 
 
 def base_config():
@@ -27,7 +41,8 @@ def base_config():
       data=dict(name="jsonl", path=""),
       image_size=224, text_len=64,
       batch_size=32,               # Global, over all processes and micro-batches.
-      seed=0, on_bad_image="skip"))
+      seed=0, on_bad_image="skip",
+      antialias=True))             # False: big_vision's plain resize(R) (cococap, gqa, ...).
   c.total_epochs = 1.0
   c.total_steps = config_dict.placeholder(int)  # Set: overrides total_epochs.
 
@@ -37,23 +52,27 @@ def base_config():
       wd=0.0, wd_mask=config_dict.placeholder(str),
       grad_clip_norm=1.0, accum_steps=1,
       schedule=dict(decay="cosine", warmup_percent=0.05)))
-  # Which params train: "full" | "freeze_vision" | "attention_only" | [(regex, sched|None)].
+  # Which params train: "full" | "freeze_vision" | "attention_only" | [(regex, sched|None)]
+  # (paligemma/rules.py: the first regex matching the whole name wins).
   # (Typed `object` so a config may set either a preset name or a list.)
   c.schedule = config_dict.FieldReference("full", field_type=object)
   c.frozen_dtype = config_dict.placeholder(str)  # e.g. "bfloat16": frozen params stored so.
   c.label_smoothing = 0.0
 
   # Devices (paligemma/sharding.py, docs/multihost.md). mesh: [(axis, size)], one size
-  # -1 (the rest); a ("model", n) axis turns on tensor parallelism. sharding_rules: a
-  # preset, "fsdp_tp" (heads / mlp / vocab over "model" if the mesh has it, the rest
-  # fsdp over "data"), "fsdp", "replicate" (pure data parallel), or [(regex, rule)].
+  # -1 (the rest); a ("model", n) axis turns on tensor parallelism. sharding_strategy:
+  # where each parameter lives, a preset, "fsdp_tp" (heads / mlp / vocab over "model" if
+  # the mesh has it, the rest fsdp over "data"), "fsdp", "replicate" (pure data
+  # parallel), or [(regex, rule)] (paligemma/rules.py). (big_vision names this key the
+  # same, with rules spelled its own way; its `sharding_rules`, for activations, is
+  # `batch_axes` here.)
   # batch_axes: mesh axes the batch is split over. distributed: "auto" calls
   # jax.distributed.initialize() when the environment shows several processes (TPU
   # pod, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS); True always, False never.
   # (Typed `object` so that the command line takes Python literals:
-  # --config.mesh='[("data", 4), ("model", 2)]' --config.sharding_rules=fsdp.)
+  # --config.mesh='[("data", 4), ("model", 2)]' --config.sharding_strategy=fsdp.)
   c.mesh = config_dict.FieldReference([("data", -1)], field_type=object)
-  c.sharding_rules = config_dict.FieldReference("fsdp_tp", field_type=object)
+  c.sharding_strategy = config_dict.FieldReference("fsdp_tp", field_type=object)
   c.batch_axes = config_dict.FieldReference(["data"], field_type=object)
   c.distributed = config_dict.FieldReference("auto", field_type=object)
 
@@ -80,11 +99,15 @@ def parse_arg(arg, **defaults):
     if not eq:
       value = "True"
     if isinstance(default, bool):
-      out[key] = value.lower() in ("1", "true", "yes")
+      out[key] = config_lib.parse_bool(key, value)
     elif default is None:
       out[key] = value
     else:
-      out[key] = type(default)(value)
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f"Config argument {key}={value!r} is not "
+                         f"{type(default).__name__} (default {default!r}).") from None
   return out
 
 
@@ -108,6 +131,13 @@ RELEASED_LLM = (("paligemma2-3b", "gemma2_2b"), ("paligemma2-10b", "gemma2_9b"),
                 ("pt_896", "gemma_2b"))
 
 
+def released_llm(checkpoint):
+  """The Gemma variant of a released checkpoint, from its name or path (RELEASED_LLM);
+  "gemma2_2b" (PaliGemma 2 3B) when the name says nothing."""
+  name = str(checkpoint).lower()
+  return next((v for k, v in RELEASED_LLM if k in name), "gemma2_2b")
+
+
 def pretrained_model(checkpoint, image_size=224, dtype="float32", llm_variant=None):
   """Model config for a released checkpoint loaded through `model_init`.
 
@@ -115,9 +145,7 @@ def pretrained_model(checkpoint, image_size=224, dtype="float32", llm_variant=No
   that loading checks the file is the expected model, and so that `python -m
   paligemma.plan` can size the run without the file.
   """
-  if llm_variant is None:
-    name = str(checkpoint).lower()
-    llm_variant = next((v for k, v in RELEASED_LLM if k in name), "gemma2_2b")
+  llm_variant = llm_variant or released_llm(checkpoint)
   # big_vision's transfers turn off the final logit soft-cap ("better for transfer").
   return dict(img=dict(variant="So400m/14", image_size=image_size),
               llm=dict(variant=llm_variant, final_logits_softcap=0.0),

@@ -1,1 +1,0 @@
-"""Pieces shared by the transfer configs in transfers/ (plain Python, ml_collections)."""
