@@ -55,23 +55,19 @@ def ours(preset, weights):
   import jax  # pylint: disable=g-import-not-at-top
   from paligemma import checkpoint  # pylint: disable=g-import-not-at-top
   from paligemma import decode  # pylint: disable=g-import-not-at-top
-  from paligemma.models.paligemma import Model  # pylint: disable=g-import-not-at-top
+  from paligemma.models import build  # pylint: disable=g-import-not-at-top
 
   params, model_config = checkpoint.load(weights, dtype=preset["dtype"])
-  model = Model(**model_config, dtype=preset["dtype"])
+  model = build.build_model(model_config, dtype=preset["dtype"])
   steps = preset["decode_steps"]
   decoder = decode.Decoder(model, max_decode_len=steps, eos_id=None)
   out = dict(device=str(jax.devices()[0].device_kind))
   flops_per_s = []
   for b in BATCH_SIZES:
     batch = {k: jax.device_put(v) for k, v in _inputs(preset, b).items()}
-    cache_size = model.num_image_tokens + batch["text"].shape[1] + steps
-    head = decode.output_head(params, b)  # What the decoder uses at this batch.
-    prefill = jax.jit(lambda p, x, c=cache_size, h=head: model.apply(
-        {"params": p}, x["image"], x["text"], x["mask_ar"], x["mask_input"], c, h,
-        method=Model.prefill))
     generate = lambda p, x: decoder(p, x)["tokens"]
-    prefill_s = common.timed(lambda: prefill(params, batch), preset["repeats"],
+    # The decoder's own first step (its output layer as at this batch).
+    prefill_s = common.timed(lambda: decoder.prefill(params, batch), preset["repeats"],
                              jax.block_until_ready)
     generate_s = common.timed(lambda: generate(params, batch), preset["repeats"],
                               jax.block_until_ready)
@@ -90,12 +86,12 @@ def ours(preset, weights):
 def theirs(preset, weights):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from paligemma.models.paligemma import Model  # pylint: disable=g-import-not-at-top
+  from paligemma.models import build  # pylint: disable=g-import-not-at-top
 
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
       weights, dtype=getattr(torch, preset["dtype"])).to(dev).eval()
-  n_img = Model(**preset["model"]).num_image_tokens
+  n_img = build.build_model(preset["model"]).num_image_tokens
   image_token = model.config.image_token_index
   steps = preset["decode_steps"]
   sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)

@@ -38,13 +38,12 @@ def ours(preset):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from paligemma.checkpoint import tree  # pylint: disable=g-import-not-at-top
-  from paligemma.models.paligemma import Model  # pylint: disable=g-import-not-at-top
+  from paligemma.models import build  # pylint: disable=g-import-not-at-top
   from paligemma.trainer import step as step_lib  # pylint: disable=g-import-not-at-top
 
-  model = Model(**preset["model"], dtype=preset["dtype"])
+  model = build.build_model(preset["model"], dtype=preset["dtype"])
   batch = {k: jnp.asarray(v) for k, v in _batch(preset).items()}
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch["image"][:1],
-                          batch["text"][:1, :-1], batch["mask_ar"][:1, :-1])["params"]
+  shapes = build.abstract_params(model)
   key = iter(jax.random.split(jax.random.PRNGKey(0), 10_000))
   params = jax.tree.map(lambda s: 0.02 * jax.random.normal(next(key), s.shape, s.dtype), shapes)
   trainable = tree.flatten(params)
@@ -71,14 +70,14 @@ def theirs(preset):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from paligemma.checkpoint import names  # pylint: disable=g-import-not-at-top
-  from paligemma.models.paligemma import Model  # pylint: disable=g-import-not-at-top
+  from paligemma.models import build  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(0)
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   dtype = getattr(torch, preset["dtype"])
   hf_config = transformers.PaliGemmaConfig(**names.to_hf_config(preset["model"], preset["dtype"]))
   model = transformers.PaliGemmaForConditionalGeneration(hf_config).to(dev, dtype).train()
-  n = Model(**preset["model"]).num_image_tokens
+  n = build.build_model(preset["model"]).num_image_tokens
   batch = _batch(preset)
   b = preset["batch"]
   ids = np.concatenate([np.full((b, n), hf_config.image_token_index), batch["text"][:, :-1]], 1)

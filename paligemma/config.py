@@ -221,6 +221,10 @@ def validate(config):
         raise ConfigError(f"config.evals.{name} needs a `{key}`.")
   for kind in ("img", "llm"):
     _check_tower(kind, dict(config.model[kind]))
+  res = config.model.img.get("image_size")
+  if res is not None and res != config.input.image_size:
+    raise ConfigError(f"config.input.image_size={config.input.image_size} but "
+                      f"config.model.img.image_size={res}: set both to the same resolution.")
 
 
 def _check_tower(kind, given):

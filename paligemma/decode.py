@@ -16,8 +16,12 @@ sharded over a mesh stay sharded (jit propagates the batch sharding).
 Sharded decoding: with params sharded over a mesh (as the trainer leaves them; or
 `Decoder(..., mesh=mesh)`), the inputs are split over `batch_axes` and the KV cache
 k, v float[L, B, S, K, H] over the batch (B on `batch_axes`) and the kv heads (K on
-`model_axis`), each where divisible and replicated otherwise
-(`paligemma.sharding.kv_cache_shardings`). The tokens are those of unsharded decoding.
+`model_axis`), each where divisible and replicated otherwise (`Cache.shardings`). The
+tokens are those of unsharded decoding.
+
+The model returns features (`Model.prefill`, `Model.extend`); the decoder applies the
+tied output layer to them (`gemma.tied_logits`), on a CPU through the embedding
+transposed from a few rows up (`Decoder._output_head`).
 
 Prompts are right-padded (`paligemma.prompt.assemble(..., mode="eval")`); every example
 keeps its own RoPE positions and attends only its real tokens, so an example decodes to
@@ -52,6 +56,8 @@ import jax.numpy as jnp
 
 from paligemma import sharding
 from paligemma import tokenizer as tokenizer_lib
+from paligemma.models import gemma
+from paligemma.models import layers
 from paligemma.models.paligemma import Model
 
 KINDS = ("greedy", "temperature", "topk", "nucleus", "beam", "best_of_n")
@@ -167,22 +173,6 @@ def choose(rng, logits, settings):
   return jnp.where(t > 0, sampled, greedy)
 
 
-def _repeat_rows(tree, n, batch_axis_of):
-  """Repeats every example n times (rows b*n .. b*n+n-1 are copies of example b)."""
-  return {k: v if jnp.ndim(v) == 0 else jnp.repeat(v, n, axis=batch_axis_of(k))
-          for k, v in tree.items()}
-
-
-def _cache_axis(key):
-  return 1 if key in ("k", "v") else 0  # k, v: [L, B, S, K, H]; pos, valid, seq_len: [B, ...].
-
-
-def _take_rows(cache, rows):
-  """The cache rows `rows` int32[B'] (beam reordering)."""
-  return {k: v if jnp.ndim(v) == 0 else jnp.take(v, rows, axis=_cache_axis(k))
-          for k, v in cache.items()}
-
-
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Where decoding's arrays live: the batch on `batch_axes`, kv heads on `model_axis`."""
@@ -192,9 +182,6 @@ class Layout:
 
   def batch(self, tree):
     return sharding.constrain_batch(tree, self.mesh, self.batch_axes)
-
-  def cache(self, cache):
-    return sharding.constrain_kv_cache(cache, self.mesh, self.batch_axes, self.model_axis)
 
 
 def _unconstrained(tree):
@@ -221,6 +208,7 @@ class Decoder:
     self.mesh = mesh
     self.batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
     self.model_axis = model_axis
+    self._head = None  # (weak reference to an embedding, its transpose): _output_head.
 
   def layout(self, params):
     """The `Layout` used for `params` (None: unsharded)."""
@@ -229,31 +217,61 @@ class Decoder:
       return None
     return Layout(mesh, self.batch_axes, self.model_axis)
 
-  def _program(self, layout):
-    # Only the loop's structure is static; temperature, top-k, top-p and eos are
-    # arguments, so decoders that differ in them share one compiled program.
+  def _rows(self, batch):
+    """Rows decoded side by side: examples x beams or samples."""
     s = self.sampler
-    mode = ("greedy" if s.kind == "greedy" else s.kind if s.kind in ("beam", "best_of_n")
-            else "sample")
-    key = (repr(self.model), self.max_decode_len, mode, s.n, self.pad_id, layout)
-    if key not in _PROGRAMS:
-      if len(_PROGRAMS) >= 32:
-        _PROGRAMS.pop(next(iter(_PROGRAMS)))
-      _PROGRAMS[key] = jax.jit(functools.partial(
-          _decode, self.model, self.max_decode_len, mode, s.n, self.pad_id, layout))
-    return _PROGRAMS[key]
+    return len(batch["text"]) * (s.n if s.kind in ("beam", "best_of_n") else 1)
 
   def __call__(self, params, batch, seed=0):
     """Decodes a batch {image float32[B,H,W,3], text, mask_ar, mask_input int32[B,T]}."""
     s = self.sampler
+    # Only the loop's structure is static; temperature, top-k, top-p and eos are
+    # arguments, so decoders that differ in them share one compiled program.
+    mode = ("greedy" if s.kind == "greedy" else s.kind if s.kind in ("beam", "best_of_n")
+            else "sample")
     settings = (jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p))
     eos = jnp.int32(-1 if self.eos_id is None else self.eos_id)
     layout = self.layout(params)
-    rows = len(batch["text"]) * (s.n if s.kind in ("beam", "best_of_n") else 1)
-    head = None if layout is not None else output_head(params, rows)
-    return self._program(layout)(
-        params, head, batch["image"], batch["text"], batch["mask_ar"], batch["mask_input"],
-        jax.random.PRNGKey(seed), settings, eos)
+    head = self._output_head(params, self._rows(batch), layout)
+    return _decode(self.model, self.max_decode_len, mode, s.n, self.pad_id, layout,
+                   params, head, batch["image"], batch["text"], batch["mask_ar"],
+                   batch["mask_input"], jax.random.PRNGKey(seed), settings, eos)
+
+  def prefill(self, params, batch):
+    """(logits float32[B, V] of the first new token, the `Cache`): the first step of
+    `__call__` alone, as it runs there (benchmarks time it)."""
+    layout = self.layout(params)
+    head = self._output_head(params, self._rows(batch), layout)
+    return _prefill_jit(self.model, self.max_decode_len, layout, params, head, batch["image"],
+                        batch["text"], batch["mask_ar"], batch["mask_input"])
+
+  def _output_head(self, params, rows, layout):
+    """float[D, V], the embedding transposed, for decoding `rows` rows unsharded on a CPU
+    from _HEAD_MIN_ROWS up; None otherwise (the output layer reads the embedding).
+
+    XLA's CPU dot of a batch of rows with a [D, V] matrix is faster than with the [V, D]
+    embedding (measured: 12 vs 17 ms a step at batch 16, vocabulary 257k, width 256; no
+    difference at batch 1), and the numbers are the same. The transpose is made once per
+    embedding array this decoder is given (calls with the same params reuse it) and held
+    until another comes: one more copy of the embedding in host memory.
+    """
+    if layout is not None or rows < _HEAD_MIN_ROWS or jax.default_backend() != "cpu":
+      return None  # (Sharded: decoding lays the embedding out over the mesh instead.)
+    emb = params["llm"]["embedder"]["input_embedding"]
+    if isinstance(emb, jax.core.Tracer):
+      return None  # Under a trace: nothing to keep; the caller's jit has the embedding.
+    if isinstance(emb, jax.Array) and len(emb.sharding.device_set) > 1:
+      return None
+    if self._head is not None and self._head[0]() is emb:
+      return self._head[1]
+    # The old transpose goes first: two at a time would be two more copies.
+    self._head = None
+    head = _transpose(emb)
+    try:
+      self._head = (weakref.ref(emb), head)
+    except TypeError:  # (Not weakly referenceable: used for this call only.)
+      pass
+    return head
 
   @staticmethod
   def texts(tokenizer, out):
@@ -262,72 +280,65 @@ class Decoder:
 
 
 # The output layer of decoding on a CPU, from batches of this many rows up, reads the
-# embedding transposed (output_head).
-HEAD_MIN_ROWS = 4
-_HEADS = {}  # id(embedding) -> (weak reference to it, its transpose)
-
-
-def output_head(params, rows):
-  """float[D, V], the embedding transposed, for decoding `rows` rows (batch x beams or
-  samples) on a CPU from HEAD_MIN_ROWS up; None otherwise.
-
-  XLA's CPU dot of a batch of rows with a [D, V] matrix is faster than with the [V, D]
-  embedding (measured: 12 vs 17 ms a step at batch 16, vocabulary 257k, width 256; no
-  difference at batch 1), and the numbers are the same. The transpose is made once for
-  each embedding array and kept while that array lives: one more copy of the embedding
-  in host memory (the decoding of small batches and accelerators go without it).
-  """
-  emb = params["llm"]["embedder"]["input_embedding"]
-  if rows < HEAD_MIN_ROWS or jax.default_backend() != "cpu":
-    return None
-  if isinstance(emb, jax.core.Tracer):
-    return None  # Under a trace: nothing to keep; the caller's jit has the embedding.
-  if isinstance(emb, jax.Array) and len(emb.sharding.device_set) > 1:
-    return None  # Sharded: decoding lays it out over the mesh instead.
-  hit = _HEADS.get(id(emb))
-  if hit is not None and hit[0]() is emb:
-    return hit[1]
-  head = _transpose(emb)
-  try:
-    ref = weakref.ref(emb, lambda _, key=id(emb): _HEADS.pop(key, None))
-  except TypeError:  # (Not weakly referenceable: used once, not kept.)
-    return head
-  _HEADS[id(emb)] = (ref, head)
-  return head
-
+# embedding transposed (Decoder._output_head).
+_HEAD_MIN_ROWS = 4
 
 _transpose = jax.jit(jnp.transpose)
 
 
 # -- inside jit ----------------------------------------------------------------------
-# Static: model, steps (max_decode_len), mode ("greedy", "sample", "beam", "best_of_n"),
-# n, pad_id, layout. Traced: everything else.
+# Static: model (hashable: its tower configs are resolved), steps (max_decode_len), mode
+# ("greedy", "sample", "beam", "best_of_n"), n, pad_id, layout. Traced: everything else.
+# jit keeps one compiled program per static arguments and input shapes.
 
-_PROGRAMS = {}
+
+def _logits(model, params, head, x):
+  """float32[B, V] from the LLM's features float[B, D]: the tied output layer, through
+  `head` float[D, V] (the embedding transposed) where the decoder made one."""
+  if head is None:
+    return gemma.tied_logits(x, params["llm"]["embedder"]["input_embedding"], model.dtype,
+                             model.llm.final_logits_softcap)
+  z = jnp.einsum("...D,DV->...V", x.astype(model.dtype), head.astype(model.dtype),
+                 preferred_element_type=jnp.float32)
+  return layers.softcap(z, model.llm.final_logits_softcap)
 
 
-def _decode(model, steps, mode, n, pad_id, layout, params, head, image, text, mask_ar,
-            mask_input, rng, settings, eos):
-  """Prefill, then the decode loop; see `Decoder` for the inputs and outputs (head:
-  output_head's or None)."""
-  variables = {"params": params}
-  constrain = _unconstrained if layout is None else layout.cache
+def _prefill(model, steps, layout, params, head, image, text, mask_ar, mask_input):
+  """(logits float32[B, V], Cache) of image + prompt, in a cache with room for `steps`."""
   if layout is not None:
     image, text, mask_ar, mask_input = layout.batch((image, text, mask_ar, mask_input))
   cache_size = model.num_image_tokens + text.shape[1] + steps
-  logits, cache = model.apply(variables, image, text, mask_ar, mask_input, cache_size, head,
-                              method=Model.prefill)
+  x, cache = model.apply({"params": params}, image, text, mask_ar, mask_input, cache_size,
+                         method=Model.prefill)
+  return _logits(model, params, head, x), cache
+
+
+_prefill_jit = jax.jit(_prefill, static_argnums=(0, 1, 2))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _decode(model, steps, mode, n, pad_id, layout, params, head, image, text, mask_ar,
+            mask_input, rng, settings, eos):
+  """Prefill, then the decode loop; see `Decoder` for the inputs and outputs (head:
+  Decoder._output_head's or None)."""
+  constrain = _unconstrained if layout is None else (
+      lambda cache: cache.constrain(layout.mesh, layout.batch_axes, layout.model_axis))
+  logits, cache = _prefill(model, steps, layout, params, head, image, text, mask_ar,
+                           mask_input)
   cache = constrain(cache)
+
   # Every step's cache keeps the prefill's layout (a stable while_loop carry).
-  extend = lambda tokens, cache: model.apply(variables, tokens, cache, head,
-                                             method=Model.extend)
+  def extend(tokens, cache):
+    x, cache = model.apply({"params": params}, tokens, cache, method=Model.extend)
+    return _logits(model, params, head, x), cache
+
   loop = dict(extend=extend, steps=steps, pad_id=pad_id, eos=eos, constrain=constrain)
   if mode == "beam":
     return _beam(logits, cache, n, **loop)
   if mode == "best_of_n":
     b = logits.shape[0]
     logits = jnp.repeat(logits, n, axis=0)
-    cache = constrain(_repeat_rows(cache, n, _cache_axis))
+    cache = constrain(cache.repeat(n))
     out = _sample(logits, cache, rng, settings, **loop)
     best = jnp.argmax(out["scores"].reshape(b, n), axis=-1)
     rows = jnp.arange(b) * n + best
@@ -373,7 +384,7 @@ def _sample(logits, cache, rng, settings, *, extend, steps, pad_id, eos, constra
 def _beam(logits, cache, k, *, extend, steps, pad_id, eos, constrain):
   """Beam search over total log-probability; a finished beam keeps its score."""
   b, v = logits.shape[0], logits.shape[-1]
-  cache = constrain(_repeat_rows(cache, k, _cache_axis))
+  cache = constrain(cache.repeat(k))
   logits = jnp.repeat(logits, k, axis=0)
   # Only beam 0 is live at first, so the k beams do not start as k copies.
   scores = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)[None].repeat(b, 0)
@@ -396,7 +407,7 @@ def _beam(logits, cache, k, *, extend, steps, pad_id, eos, constrain):
     logprobs = jax.lax.dynamic_update_slice(logprobs, chosen[..., None], (0, 0, i))
     done = done | (token == eos)
     rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)
-    return token.reshape(-1), constrain(_take_rows(cache, rows)), top, tokens, logprobs, done
+    return token.reshape(-1), constrain(cache.take(rows)), top, tokens, logprobs, done
 
   carry = step(0, logits, cache, scores, tokens, logprobs, done)
 

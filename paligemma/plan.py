@@ -26,6 +26,7 @@ from paligemma import config as config_lib
 from paligemma import optim
 from paligemma import sharding
 from paligemma import train
+from paligemma.models import build as build_lib
 from paligemma.trainer import step as step_lib
 
 GiB = 1 << 30
@@ -73,15 +74,9 @@ def _shard_bytes(shapes, mesh, rules):
 
 
 def _abstract_mesh(config, devices):
-  names = [str(a) for a, _ in config.mesh]
-  sizes = [int(s) for _, s in config.mesh]
-  known = math.prod(s for s in sizes if s != -1)
-  if devices is None:
-    devices = known
-  if devices % known:
-    raise ValueError(f"config.mesh {list(config.mesh)} does not fit {devices} devices.")
-  sizes = [devices // known if s == -1 else s for s in sizes]
-  return jax.sharding.AbstractMesh(tuple(sizes), tuple(names)), devices
+  """(AbstractMesh, device count) of config.mesh on `devices` (None: its fixed sizes)."""
+  names, sizes = sharding.mesh_shape(list(config.mesh), devices)
+  return jax.sharding.AbstractMesh(tuple(sizes), tuple(names)), math.prod(sizes)
 
 
 def make_plan(config, device="t4", devices=None):
@@ -90,22 +85,19 @@ def make_plan(config, device="t4", devices=None):
   if device not in DEVICES:
     raise ValueError(f"Unknown device {device!r}; valid: {sorted(DEVICES)}")
   mesh, devices = _abstract_mesh(config, devices)
-  model = train.build_model(config)
+  model = build_lib.build_model(config.model)
   compile_dtype = _compile_dtype(device)
   compile_model = model.clone(dtype=compile_dtype(model.dtype),
                               param_dtype=compile_dtype(model.param_dtype))
   res, text_len = config.input.image_size, config.input.text_len
-  params = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32),
-                          jax.ShapeDtypeStruct((1, text_len), jnp.int32),
-                          jax.ShapeDtypeStruct((1, text_len), jnp.int32))["params"]
+  params = build_lib.abstract_params(model, text_len)
   groups = optim.groups_from_config(config.schedule, config.optim.schedule)
   trainable, frozen = optim.partition(params, groups)
   if config.frozen_dtype:
     frozen = {k: jax.ShapeDtypeStruct(v.shape, config.frozen_dtype) for k, v in frozen.items()}
   tx, lr_fns = optim.make_optimizer(config.optim, groups, trainable, 1000)
   opt_state = jax.eval_shape(tx.init, trainable)
-  rules = config.sharding_rules
+  rules = config.sharding_strategy
   # Optimizer leaves shaped like a parameter are sharded like it; the rest (counts) are tiny.
   opt_leaves = [(next((getattr(k, "key", None) for k in path
                        if getattr(k, "key", None) in trainable), "optimizer/state"), leaf)
@@ -129,7 +121,8 @@ def make_plan(config, device="t4", devices=None):
   gradient_bytes = _shard_bytes(trainable, mesh, rules)
   # XLA's temporaries hold the gradients too; they are listed on their own line.
   # (The compiled program is one device's, with whole gradients: subtract those.)
-  activations = max(int(memory.temp_size_in_bytes) - _shard_bytes(trainable, mesh, []), 0)
+  whole_gradients = _shard_bytes(trainable, mesh, "replicate")
+  activations = max(int(memory.temp_size_in_bytes) - whole_gradients, 0)
   return Plan(
       params_total=sum(math.prod(v.shape) for v in jax.tree.leaves(params)),
       params_trainable=sum(math.prod(v.shape) for v in trainable.values()),
@@ -171,7 +164,7 @@ def suggestions(plan, config):
     out.append("--config.frozen_dtype=bfloat16 (float16 on a T4) for the frozen weights")
   if config.model.param_dtype == "float32" and not out:
     out.append("--config.model.param_dtype=bfloat16")
-  out.append(f"more devices (--devices {2 * plan.devices}) with fsdp sharding_rules")
+  out.append(f"more devices (--devices {2 * plan.devices}) with an fsdp sharding_strategy")
   return out
 
 

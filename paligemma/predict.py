@@ -91,12 +91,12 @@ def load_for_inference(checkpoint, *, tokenizer=None, model_config=None, dtype=N
   model_config: optional partial {"img", "llm"} overriding the file's (e.g. image_size);
   run_config: the workdir's config.json as a dict ({} for other checkpoints).
   """
-  from paligemma.models.paligemma import Model  # pylint: disable=g-import-not-at-top
+  from paligemma.models import build  # pylint: disable=g-import-not-at-top
   path, model_config, run_config, extra = read_workdir(checkpoint, model_config)
   params, model_config = checkpoint_lib.load(path, config=model_config, dtype=dtype)
   if dtype is not None:
     extra["dtype"] = dtype
-  model = Model(img=model_config["img"], llm=model_config["llm"], **extra)
+  model = build.build_model(model_config, **extra)
   vocab = model_config["llm"]["vocab_size"]
   tok_path = tokenizer_path(checkpoint, run_config, vocab, tokenizer)
   tok = tokenizer_lib.load_tokenizer(tok_path)
@@ -119,7 +119,7 @@ def predict(model, params, tok, images, prompt, *, max_decode_len=32, sampler="g
                    references=[]) for i, p in enumerate(images)]
   source = sources.ListSource("predict", examples)
   text_len = len(prompt_lib.assemble(tok, prompt, text_len=None, mode="eval")[0]["text"])
-  image_size = model.img.get("image_size", 224)
+  image_size = model.img.image_size
   data = pipeline.make_eval_input(source, tok, image_size=image_size, text_len=text_len,
                                   batch_size=min(batch_size, len(examples)),
                                   process_index=0, process_count=1)
@@ -140,7 +140,7 @@ def predict(model, params, tok, images, prompt, *, max_decode_len=32, sampler="g
     rec["prediction"] = results[i]
     if prompt.startswith("detect"):
       h, w = detection.image_hw(examples[i]["image"])
-      objects, malformed = detection.parse(results[i])
+      objects, malformed = tokenizer_lib.parse_detections(results[i])
       rec["boxes"] = [{"label": label,
                        "box_xyxy": [round(float(v), 1) for v in
                                     detection.to_pixels(box, h, w)[[1, 0, 3, 2]]]}

@@ -31,7 +31,7 @@ Presets (PRESETS):
 The batch of activations stays on `batch_axes` (replicated over "model"); XLA's sharding
 propagation splits the activations of tensor-parallel layers by heads / hidden units.
 In decoding the KV cache k, v float[L, B, S, K, H] is split B over `batch_axes` and K over
-"model", each only where divisible (`kv_cache_shardings`).
+"model", each only where divisible (`paligemma.models.cache.Cache.shardings`).
 """
 
 import os
@@ -251,41 +251,10 @@ def batch_spec(mesh, batch_axes, shape, batch_dim=0):
   return P(*spec)
 
 
-def kv_cache_specs(mesh, cache, batch_axes=("data",), model_axis="model"):
-  """{key: PartitionSpec} of a decode cache (paligemma.models.paligemma.Model.prefill).
-
-  k, v float[L, B, S, K, H]: B over `batch_axes`, K (kv heads) over `model_axis`;
-  pos, valid [B, S] and seq_len [B]: B over `batch_axes`; index: replicated. A dimension
-  that does not divide (one kv head, a batch of 3) stays replicated over that axis.
-  """
-  out = {}
-  for key, x in cache.items():
-    shape = tuple(x.shape)
-    if key in ("k", "v"):
-      spec = list(batch_spec(mesh, batch_axes, shape, batch_dim=1))
-      spec[3] = _fitting_axes(mesh, [model_axis], shape[3])
-      out[key] = P(*spec)
-    else:
-      out[key] = batch_spec(mesh, batch_axes, shape)
-  return out
-
-
-def kv_cache_shardings(mesh, cache, batch_axes=("data",), model_axis="model"):
-  """{key: NamedSharding} of a decode cache (see `kv_cache_specs`)."""
-  return {k: NamedSharding(mesh, spec)
-          for k, spec in kv_cache_specs(mesh, cache, batch_axes, model_axis).items()}
-
-
 def constrain_batch(tree, mesh, batch_axes=("data",)):
   """Inside jit: arrays of `tree` split on their leading (batch) dim where divisible."""
   return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
       x, NamedSharding(mesh, batch_spec(mesh, batch_axes, x.shape))), tree)
-
-
-def constrain_kv_cache(cache, mesh, batch_axes=("data",), model_axis="model"):
-  """Inside jit: the decode cache laid out by `kv_cache_shardings`."""
-  return jax.lax.with_sharding_constraint(
-      cache, kv_cache_shardings(mesh, cache, batch_axes, model_axis))
 
 
 def mesh_of(tree):

@@ -4,22 +4,26 @@ r"""Fine-tune PaliGemma from a transfer config.
   python -m paligemma.train --config transfers/flickr8k.py:directory=/data/flickr8k \
       --workdir /tmp/flickr --config.optim.lr=3e-5
 
-Running the same command in the same workdir resumes from the last checkpoint. On
+Running the same command in the same workdir resumes from the last checkpoint; Ctrl-C
+(SIGINT) or SIGTERM (preemption) saves one at the current step first. On
 several hosts every process runs the same command with the same (shared, e.g. gs://)
 workdir: see docs/multihost.md. The workdir ends up holding (process 0 writes all
 but the checkpoints, which every process writes its shards of):
 
+  lock                held while a training runs here (paligemma/trainer/lock.py)
   config.json         the config of the run (with `tokenizer`)
   checkpoints/<step>/ orbax checkpoints (paligemma/trainer/checkpoints.py)
   metrics.jsonl       one JSON object per logged step; tensorboard/ the same as events
   params.npz          the trained params (dtype `export_dtype`), model_config.json
 """
 
-import json
+import contextlib
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 from absl import app
@@ -28,31 +32,23 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import config_flags
 import tensorflow as tf
 import tqdm
 
 from paligemma import checkpoint
+from paligemma import config as config_lib
+from paligemma import json_files
 from paligemma import optim
 from paligemma import sharding
 from paligemma import tokenizer as tokenizer_lib
 from paligemma.data import pipeline
 from paligemma.data import sources
-from paligemma.models import paligemma as model_lib
-from paligemma.models import variants
+from paligemma.models import build as build_lib
 from paligemma.trainer import checkpoints as ckpt_lib
+from paligemma.trainer import lock as lock_lib
 from paligemma.trainer import metrics as metrics_lib
 from paligemma.trainer import step as step_lib
 
-# Transfer configs import their shared pieces as `configs.*` (the folder next to the
-# package): make it importable whatever the working directory.
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_REPO, "configs")) and _REPO not in sys.path:
-  sys.path.append(_REPO)
-from configs import common as common_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Transfer config file[:arg].",
-                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and export.")
 
 
@@ -60,26 +56,16 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the run stopped without saving the bad state."""
 
 
-def validate(config):
-  """Raises naming any key the trainer does not know (a typo in a transfer config)."""
-  base = common_config.base_config()
-  for key in config:
-    if key not in base:
-      raise ValueError(f"Unknown config key {key!r}; valid keys: {sorted(base)}.")
-  for group in ("model", "input", "optim"):
-    for key in config[group]:
-      if key not in base[group]:
-        raise ValueError(f"Unknown config key '{group}.{key}'; valid: {sorted(base[group])}.")
-  for name, ev in config.evals.items():
-    for key in ("type", "data", "every"):
-      if key not in ev:
-        raise ValueError(f"config.evals.{name} needs a `{key}`.")
+class Interrupted(Exception):
+  """SIGINT / SIGTERM stopped the run after saving a checkpoint at `step`."""
+
+  def __init__(self, signum, step, directory):
+    self.signum, self.step, self.directory = signum, step, directory
+    super().__init__(f"Stopped by {signal.Signals(signum).name} at step {step}; checkpoint "
+                     f"saved in {directory}/{step}.")
 
 
-def build_model(config):
-  return model_lib.Model(img=dict(config.model.img), llm=dict(config.model.llm),
-                         param_dtype=config.model.param_dtype, dtype=config.model.dtype,
-                         scan=config.model.scan, remat_policy=config.model.remat_policy)
+validate = config_lib.validate
 
 
 def param_dtypes(config):
@@ -98,7 +84,7 @@ def init_params(config, model, mesh):
   """Nested params, each leaf placed with its sharding rule and in its dtype
   (param_dtypes); random or from model_init. No leaf is ever held in two dtypes: a
   3B model's frozen float16 weights are loaded as float16, not as float32 then cast."""
-  rules = config.sharding_rules
+  rules = config.sharding_strategy
   dtype_for = param_dtypes(config)
 
   def place(path, shape):
@@ -110,31 +96,26 @@ def init_params(config, model, mesh):
         config.model_init, config={"img": dict(config.model.img), "llm": dict(config.model.llm)},
         dtype=dtype_for, sharding=place)
     return params, model_config
-  size = config.input.image_size
   text_len = config.input.text_len
 
   def init(rng):
-    image = jnp.zeros((1, size, size, 3), jnp.float32)
-    text = jnp.zeros((1, text_len), jnp.int32)
-    params = optim.flatten(model.init(rng, image, text, text)["params"])
+    params = optim.flatten(build_lib.initial_params(model, rng, text_len))
     return optim.unflatten({k: v.astype(dtype_for(k)) for k, v in params.items()})
 
   rng = jax.random.PRNGKey(config.seed)
-  shapes = optim.flatten(jax.eval_shape(init, rng))
+  shapes = optim.flatten(build_lib.abstract_params(model, text_len))
   out = optim.unflatten(sharding.param_shardings(mesh, rules, shapes))
   # Created directly in their shards: a big model never sits whole on one device.
   params = jax.jit(init, out_shardings=out)(rng)
-  model_config = {"img": variants.resolve_vit(dict(config.model.img)),
-                  "llm": variants.resolve_gemma(dict(config.model.llm))}
-  return params, model_config
+  return params, {"img": model.img.to_dict(), "llm": model.llm.to_dict()}
 
 
 def total_steps(config, num_examples):
   if config.total_steps:
     return int(config.total_steps)
-  steps_per_epoch = (num_examples // jax.process_count()) * jax.process_count() / \
-      config.input.batch_size
-  return max(1, int(math.ceil(config.total_epochs * steps_per_epoch)))
+  per_epoch = pipeline.steps_per_epoch(num_examples, config.input.batch_size,
+                                       jax.process_count())
+  return max(1, int(math.ceil(config.total_epochs * per_epoch)))
 
 
 def make_evaluators(config, model, tok, data_sharding=None):
@@ -155,7 +136,7 @@ def make_evaluators(config, model, tok, data_sharding=None):
   out = {}
   for name, ev in config.evals.items():
     context = dict(model=model, tokenizer=tok, image_size=config.input.image_size,
-                   text_len=config.input.text_len,
+                   text_len=config.input.text_len, antialias=config.input.antialias,
                    progress=config.progress and jax.process_index() == 0)
     out[name] = make_evaluator(ev.type, ev, data_sharding=data_sharding, **context)
     if out[name].batch_size % data_parallel:  # The evaluator may cap it at the source size.
@@ -175,14 +156,6 @@ def run_evals(evaluators, config, params, step, final):
       for k, v in ev.run(params).items():
         out[f"{name}/{k}"] = float(v)
   return out
-
-
-def save_json(path, obj):
-  """Writes JSON to a local path or a tf.io.gfile URL (gs://...), replacing atomically."""
-  tmp = path + ".tmp"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 class _Gathered:
@@ -218,26 +191,153 @@ def export(workdir, params, model_config, dtype):
       tf.io.gfile.copy(os.path.join(tmp, "params.npz"), path, overwrite=True)
   else:
     checkpoint.save_npz(flat, path, dtype=dtype)
-  save_json(os.path.join(workdir, "model_config.json"), model_config)
+  json_files.write_json(os.path.join(workdir, "model_config.json"), model_config)
+
+
+def check_tokenizer(config, tok):
+  """Refuses a tokenizer that does not fit `model_init`'s vocabulary.
+
+  A tokenizer with fewer pieces than the checkpoint has rows is another tokenizer (the
+  embedding would be trimmed to it, the pretrained token ids meaning nothing); more
+  pieces are accepted only with config.model.llm.vocab_size set to them (new tokens).
+  """
+  if not config.model_init:
+    return
+  rows = checkpoint.describe(config.model_init).config["llm"]["vocab_size"]
+  if tok.vocab_size == rows or tok.vocab_size == config.model.llm.get("vocab_size", -1) > rows:
+    return
+  raise config_lib.ConfigError(
+      f"Tokenizer {tok.path} has {tok.vocab_size:,} pieces but model_init "
+      f"{config.model_init} has a vocabulary of {rows:,}; set config.tokenizer to the "
+      "checkpoint's tokenizer (paligemma_tokenizer.model for the released ones), or to "
+      "extend the vocabulary set config.model.llm.vocab_size to the tokenizer's size.")
+
+
+def _gather(values):
+  """int64[P, n]: `values` (n ints) of every process, in process order."""
+  values = np.asarray(values, np.int64)[None]
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(values, tiled=True))
+
+
+class DataProgress:
+  """Where this process's data stream is, and what it skipped and truncated so far.
+
+  `position` counts every example taken from the stream, trained on or skipped
+  (unreadable image); it is saved in checkpoints so a resume continues exactly there.
+  Counts are of examples consumed by training steps (an example skipped again in a
+  later epoch counts again), so they too resume exactly.
+  """
+  FIELDS = ("data_position", "data_skipped", "data_truncated")
+  KEYS = ("data/skipped", "data/truncated")
+
+  def __init__(self, meta, local_batch):
+    self.position = int(meta.get("step", 0)) * local_batch
+    self.skipped = self.truncated = 0
+    saved = [meta.get(k) for k in self.FIELDS]
+    if all(isinstance(v, list) for v in saved):
+      if len(saved[0]) == jax.process_count():
+        p = jax.process_index()
+        self.position, self.skipped, self.truncated = (int(v[p]) for v in saved)
+      else:  # Another process count splits the stream otherwise: no exact position.
+        logging.warning("The checkpoint was written by %d processes, this run has %d: "
+                        "data resumes at step x batch, not exactly.", len(saved[0]),
+                        jax.process_count())
+
+  def consume(self, batch):
+    """Pops the pipeline's `position` / `truncated` from `batch` and counts them."""
+    position, truncated = batch.pop("position"), batch.pop("truncated")
+    end = int(position[-1]) + 1
+    self.skipped += end - self.position - len(position)
+    self.position = end
+    self.truncated += int(np.sum(truncated))
+
+  def meta(self):
+    """The checkpoint meta fields: one entry per process."""
+    table = _gather([self.position, self.skipped, self.truncated])
+    return {k: table[:, i].tolist() for i, k in enumerate(self.FIELDS)}
+
+  def totals(self, local=False):
+    """{"data/skipped": n, "data/truncated": n} over all processes (a collective), or
+    this process's alone."""
+    table = np.array([[self.skipped, self.truncated]]) if local else _gather(
+        [self.skipped, self.truncated])
+    return dict(zip(self.KEYS, (int(n) for n in table.sum(0))))
+
+
+@contextlib.contextmanager
+def stop_requests():
+  """A list that SIGINT / SIGTERM append to instead of killing the run.
+
+  The first signal restores the previous handlers, so a second Ctrl-C stops at once
+  (without the checkpoint). Only the main thread can take signals; elsewhere the list
+  stays empty.
+  """
+  got = []
+  if threading.current_thread() is not threading.main_thread():
+    yield got
+    return
+  signums = (signal.SIGINT, signal.SIGTERM)
+  previous = {s: signal.getsignal(s) for s in signums}
+
+  def handler(signum, frame):
+    del frame
+    got.append(signum)
+    for s, h in previous.items():
+      signal.signal(s, h)
+    tqdm.tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
+                    "(send it again to stop without saving).", file=sys.stderr)
+
+  for s in signums:
+    signal.signal(s, handler)
+  try:
+    yield got
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def _stop_signal(requests):
+  """The signal that asks to stop, agreed by every process (0: none)."""
+  mine = requests[0] if requests else 0
+  if jax.process_count() == 1:
+    return mine
+  return int(_gather([mine]).max())
 
 
 def train(config, workdir):
-  """Runs (or resumes) the training described by `config` in `workdir`; returns final metrics."""
+  """Runs (or resumes) the training described by `config` in `workdir`; returns final metrics.
+
+  Raises Interrupted (after saving a checkpoint) on SIGINT / SIGTERM, and
+  lock.WorkdirLockedError when another training holds `workdir`.
+  """
   validate(config)
   tf.io.gfile.makedirs(workdir)  # A local path, or gs://... shared by every host.
   main_process = jax.process_index() == 0
+  lock = lock_lib.WorkdirLock(workdir)
   if main_process:
-    save_json(os.path.join(workdir, "config.json"), config.to_dict())
+    lock.acquire()
+  try:
+    return _train(config, workdir, main_process)
+  finally:
+    if main_process:
+      lock.release()
+
+
+def _train(config, workdir, main_process):
+  tok = tokenizer_lib.load_tokenizer(config.tokenizer)
+  check_tokenizer(config, tok)
+  if main_process:
+    json_files.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   mesh = sharding.make_mesh(config.mesh)
   batch_sh = sharding.batch_sharding(mesh, config.batch_axes, config.input.batch_size)
-  tok = tokenizer_lib.load_tokenizer(config.tokenizer)
-  model = build_model(config)
+  model = build_lib.build_model(config.model)
   params, model_config = init_params(config, model, mesh)
   # The checkpoint is the truth for the towers (the config may name only the resolution).
-  model = model_lib.Model(**model_config, param_dtype=config.model.param_dtype,
-                          dtype=config.model.dtype, scan=config.model.scan,
-                          remat_policy=config.model.remat_policy)
+  model = build_lib.build_model(config.model, **model_config)
   vocab = model_config["llm"]["vocab_size"]
   if tok.vocab_size > vocab:
     raise ValueError(f"Tokenizer {tok.path} has {tok.vocab_size} pieces but the model "
@@ -262,7 +362,7 @@ def train(config, workdir):
 
   # Resume from the latest checkpoint, if any.
   ckpts = ckpt_lib.Checkpoints(workdir, config.ckpt_every, config.ckpt_keep)
-  start = 0
+  start, meta = 0, {}
   latest = ckpts.latest_step()
   if latest is not None:
     state = dict(trainable=trainable, opt_state=opt_state, rng=rng, step=step_array(0))
@@ -275,10 +375,12 @@ def train(config, workdir):
     start = int(state["step"])
     logging.warning("Resumed from %s/%d", ckpts.directory, latest)
 
+  progress = DataProgress(meta, config.input.batch_size // jax.process_count())
   data = pipeline.make_train_input(
       source, tok, image_size=config.input.image_size, text_len=config.input.text_len,
-      batch_size=config.input.batch_size, seed=config.input.seed, start_step=start,
-      on_bad_image=config.input.on_bad_image)
+      batch_size=config.input.batch_size, seed=config.input.seed,
+      start_position=progress.position, on_bad_image=config.input.on_bad_image,
+      antialias=config.input.antialias)
 
   lr_fn = lr_fns[sorted(lr_fns)[0]]
   train_step = jax.jit(
@@ -293,7 +395,8 @@ def train(config, workdir):
   def save(step):
     state = dict(trainable=trainable, opt_state=opt_state, rng=rng, step=step_array(step))
     meta = dict(step=step, examples_seen=step * config.input.batch_size,
-                batch_size=config.input.batch_size, data_seed=config.input.seed)
+                batch_size=config.input.batch_size, data_seed=config.input.seed,
+                **progress.meta())
     ckpts.save(step, state, meta)
 
   if start == 0 and evaluators:  # Validation metrics of the starting point.
@@ -304,46 +407,79 @@ def train(config, workdir):
   batches = iter(data)
   last = dict(time=time.perf_counter(), step=start)
   final = {}
-  for step in range(start + 1, steps + 1):
-    batch = sharding.global_batch(next(batches), batch_sh)
-    trainable, opt_state, m = train_step(trainable, frozen, opt_state, batch,
-                                         jnp.int32(step - 1))
-    loss = float(m["loss"])
-    if not math.isfinite(loss):
-      good = ckpts.latest_step()
-      raise NonFiniteLossError(
-          f"Loss is {loss} at step {step}; stopped without saving. Last good checkpoint: "
-          f"{'none' if good is None else f'{ckpts.directory}/{good}'}. Lower "
-          "config.optim.lr, set config.optim.grad_clip_norm, or check the data of this step.")
-    final = {"train/loss": loss, "train/lr": float(m["lr"])}
-    bar.update(1)
-    if step % config.log_every == 0 or step == steps:
-      now = time.perf_counter()
-      rate = (step - last["step"]) * config.input.batch_size / max(now - last["time"], 1e-9)
-      last.update(time=now, step=step)
-      final["train/examples_per_sec"] = rate
-      final["train/grad_norm"] = float(m["grad_norm"])
-      final.update(run_evals(evaluators, config, optim.merge(trainable, frozen), step,
-                             step == steps))
-      writer.write(step, final)
-      bar.set_postfix(loss=f"{loss:.4f}", lr=f"{final['train/lr']:.2e}",
-                      ex_s=f"{rate:.1f}", refresh=False)
-    if ckpts.due(step) or step == steps:
-      save(step)
-  bar.close()
-  # Stops the input threads now rather than during interpreter shutdown.
-  getattr(batches, "close", lambda: None)()
-  writer.close()
+  try:
+    with stop_requests() as requests:
+      for step in range(start + 1, steps + 1):
+        batch = next(batches)
+        progress.consume(batch)
+        batch = sharding.global_batch(batch, batch_sh)
+        trainable, opt_state, m = train_step(trainable, frozen, opt_state, batch,
+                                             jnp.int32(step - 1))
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+          good = ckpts.latest_step()
+          raise NonFiniteLossError(
+              f"Loss is {loss} at step {step}; stopped without saving. Last good checkpoint: "
+              f"{'none' if good is None else f'{ckpts.directory}/{good}'}. Lower "
+              "config.optim.lr, set config.optim.grad_clip_norm, or check the data of this "
+              "step.")
+        final = {"train/loss": loss, "train/lr": float(m["lr"])}
+        bar.update(1)
+        if step % config.log_every == 0 or step == steps:
+          now = time.perf_counter()
+          rate = (step - last["step"]) * config.input.batch_size / max(now - last["time"], 1e-9)
+          last.update(time=now, step=step)
+          final["train/examples_per_sec"] = rate
+          final["train/grad_norm"] = float(m["grad_norm"])
+          final.update(progress.totals())
+          final.update(run_evals(evaluators, config, optim.merge(trainable, frozen), step,
+                                 step == steps))
+          writer.write(step, final)
+          bar.set_postfix(loss=f"{loss:.4f}", lr=f"{final['train/lr']:.2e}",
+                          ex_s=f"{rate:.1f}", refresh=False,
+                          **{k[5:]: final[k] for k in progress.KEYS if final[k]})
+        signum = _stop_signal(requests)
+        if ckpts.due(step) or step == steps or signum:
+          save(step)
+        if signum and step < steps:
+          raise Interrupted(signum, step, ckpts.directory)
+  finally:
+    bar.close()
+    # Stops the input threads now rather than during interpreter shutdown.
+    getattr(batches, "close", lambda: None)()
+    writer.close()
+    if main_process:  # (This process's counts: no collective on the way out of an error.)
+      _data_summary(data, progress.totals(local=True), config.input.text_len)
   export(workdir, optim.merge(trainable, frozen), model_config, config.export_dtype)
   ckpts.close()
   return final
 
 
-def main(argv):
+def _data_summary(data, totals, text_len):
+  """Logs what the data lost: skipped images and truncated examples (none: one INFO line)."""
+  stats = data.stats
+  lines = []
+  if totals["data/skipped"]:
+    first = next(iter(stats.skipped.items()), None)
+    lines.append(f"{totals['data/skipped']} examples skipped for unreadable images"
+                 + (f" (e.g. {first[0]}: {first[1]})" if first else ""))
+  if totals["data/truncated"]:
+    first = next(iter(stats.truncated), None)
+    lines.append(f"{totals['data/truncated']} examples truncated to text_len={text_len} "
+                 + (f"(e.g. {first}; " if first else "(") +
+                 "raise config.input.text_len to keep them whole)")
+  if lines:
+    logging.warning("Data: %s.", "; ".join(lines))
+  else:
+    logging.info("Data: no example skipped or truncated.")
+
+
+def main(argv, config):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}; config overrides are "
                          "--config.key=value.")
-  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config transfers/shapes.py")
   # Orbax logs every checkpoint step at INFO; keep the console for the progress bar.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
@@ -352,7 +488,16 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)  # Process 0 speaks for all.
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required (checkpoints, metrics and params go there).")
-  train(config, _WORKDIR.value)
+  try:
+    train(config, _WORKDIR.value)
+  except Interrupted as e:
+    if jax.process_index() == 0:
+      print(f"{e} Resume with the same command:\n  python -m paligemma.train "
+            + " ".join(sys.argv[1:]), file=sys.stderr)
+    sys.exit(128 + e.signum)
+  except lock_lib.WorkdirLockedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   if distributed:
     # All processes leave together (a barrier). Process 0 hosts the coordination
     # service; a process still tearing down when it is gone aborts. (After an error
@@ -361,4 +506,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config_lib.run(main)

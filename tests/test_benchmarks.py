@@ -10,8 +10,18 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-import common  # pylint: disable=wrong-import-position
+
+
+def _benchmarks_common():
+  """benchmarks/common.py, loaded from its file (benchmarks/ is scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(
+      "benchmarks_common", os.path.join(REPO, "benchmarks", "common.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+common = _benchmarks_common()
 
 # The peer side; looked up, not imported (transformers takes seconds to import).
 needs_peer = pytest.mark.skipif(

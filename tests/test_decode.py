@@ -1,14 +1,18 @@
 """Decoding through the KV cache against a full-recompute reference, samplers, beams."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
 from paligemma import decode
 from paligemma import tokenizer as tokenizer_lib
+from paligemma.models import build
+from paligemma.models.cache import Cache
 from paligemma.models.paligemma import Model
 
 VOCAB = 1920  # The tiny tokenizer's, so texts can be decoded.
@@ -34,17 +38,16 @@ def _setup(version):
     text[b, :n] = rng.integers(4, VOCAB, n)
     mask_input[b, :n] = 1
   batch = dict(image=image, text=text, mask_ar=1 - mask_input, mask_input=mask_input)
-  return model, random_params(model, batch, seed=version), batch
+  return model, random_params(model, seed=version), batch
 
 
-def random_params(model, batch, seed=0):
+def random_params(model, seed=0):
   """Random params drawn in numpy (no init to compile), scaled so that outputs vary.
 
   Tiny random models with the usual init just repeat their last token: weaker
   embeddings, stronger layers and random norm scales give varied text (asserted below).
   """
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch["image"][:1],
-                          batch["text"][:1], batch["mask_ar"][:1], batch["mask_input"][:1])
+  shapes = build.abstract_params(model)
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
@@ -55,7 +58,7 @@ def random_params(model, batch, seed=0):
       std = 0.1 if "input_embedding" in name else 1.0 if "norm" in name else 0.2
     return rng.normal(0, std, leaf.shape).astype(np.float32)
 
-  return jax.tree_util.tree_map_with_path(draw, shapes)["params"]
+  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _row(batch, b):
@@ -129,13 +132,14 @@ def test_greedy_equals_full_recompute(version):
 
 
 def test_transposed_output_head_gives_the_same_decode():
-  """From HEAD_MIN_ROWS rows up, CPU decoding reads the embedding transposed: the tokens
+  """From _HEAD_MIN_ROWS rows up, CPU decoding reads the embedding transposed: the tokens
   and log-probabilities are those of the plain output layer (batch 3, below the line)."""
-  assert len(LENGTHS) < decode.HEAD_MIN_ROWS <= 2 * len(LENGTHS)
+  assert len(LENGTHS) < decode._HEAD_MIN_ROWS <= 2 * len(LENGTHS)
   _, params, batch = _setup(2)
-  head = decode.output_head(params, 2 * len(LENGTHS))
+  decoder = _decoder(2, "greedy", None)
+  head = decoder._output_head(params, 2 * len(LENGTHS), None)
   np.testing.assert_array_equal(head, params["llm"]["embedder"]["input_embedding"].T)
-  assert decode.output_head(params, 2 * len(LENGTHS)) is head, "made once per embedding"
+  assert decoder._output_head(params, 2 * len(LENGTHS), None) is head, "made once per embedding"
   twice = {k: np.concatenate([v, v]) for k, v in batch.items()}
   plain, transposed = _run(2, "greedy"), _run(2, "greedy", twice)
   for half in (transposed["tokens"][:3], transposed["tokens"][3:]):
@@ -248,6 +252,33 @@ def test_parse_sampler():
   for bad in ("beam(x=3)", "foo", "nucleus(p=2)", "beam(1, 2)", "import os"):
     with pytest.raises(ValueError):
       s(bad)
+
+
+def test_cache_rows_and_specs():
+  """Cache.repeat / take select rows on each field's row axis (index is shared); specs put
+  rows on the batch axes and kv heads on "model", each only where divisible."""
+  def cache(b, k):
+    rows = np.arange(b)
+    return Cache(k=np.zeros((2, b, 30, k, 16)) + rows[None, :, None, None, None],
+                 v=np.zeros((2, b, 30, k, 16)) - rows[None, :, None, None, None],
+                 pos=np.zeros((b, 30)) + rows[:, None], valid=np.zeros((b, 30), bool),
+                 seq_len=rows.astype(np.int32), index=np.int32(7))
+  c = cache(3, 2).repeat(2)
+  assert c.k.shape == (2, 6, 30, 2, 16) and c.index == 7
+  np.testing.assert_array_equal(c.seq_len, [0, 0, 1, 1, 2, 2])
+  np.testing.assert_array_equal(c.v[0, :, 0, 0, 0], [0, 0, -1, -1, -2, -2])
+  t = cache(3, 2).take(jnp.array([2, 0]))
+  np.testing.assert_array_equal(t.k[1, :, 5, 1, 3], [2, 0])
+  np.testing.assert_array_equal(t.pos[:, 0], [2, 0])
+  assert t.valid.shape == (2, 30) and t.index == 7
+
+  mesh = types.SimpleNamespace(shape=dict(data=4, model=2))
+  specs = cache(8, 2).specs(mesh)
+  assert specs.k == specs.v == P(None, "data", None, "model", None)
+  assert specs.pos == specs.valid == P("data", None) and specs.seq_len == P("data")
+  assert specs.index == P()
+  assert cache(8, 1).specs(mesh).k == P(None, "data", None, None, None)
+  assert cache(6, 2).specs(mesh).k == P(None, None, None, "model", None)
 
 
 def test_sharded_batch_over_a_mesh():

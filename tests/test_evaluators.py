@@ -14,6 +14,7 @@ from paligemma.evaluators import exact_match
 from paligemma.evaluators import make_evaluator
 from paligemma.evaluators import predictions
 from paligemma.evaluators import vqa
+from paligemma.models import build
 from paligemma.models.paligemma import Model
 
 REFS = {"0": ["a red circle on white paper"], "1": ["two blue squares next to trees"]}
@@ -117,9 +118,7 @@ def _tiny_model():
 
 def _zero_params(model):
   """All-zero params: logits are all 0, so every token has probability 1/V."""
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)),
-                          np.zeros((1, 4), np.int32), np.zeros((1, 4), np.int32))
-  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)["params"]
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), build.abstract_params(model))
 
 
 def _context(tmp_path=None):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from paligemma.checkpoint import tree
+from paligemma.models import build
+from paligemma.models import variants
 from paligemma.models.paligemma import Model
 
 TINY = dict(img=dict(variant="mu/4", image_size=16),
@@ -20,22 +22,15 @@ def _inputs(batch=2, text_len=6, image_size=16):
   return image, text, mask_ar
 
 
-def _init(model, image, text, mask_ar, seed=0):
+def _init(model, seed=0):
   """Random params from the abstract shapes (numpy: compiling flax's init is slow on CPU)."""
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), image, text, mask_ar)["params"]
+  shapes = build.abstract_params(model)
   return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype), shapes)
 
 
 def _apply(model, params, *args):
   return jax.jit(model.apply)({"params": params}, *args)
-
-
-def _abstract_params(model, image_size, text_len=4):
-  return jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                        jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32),
-                        jax.ShapeDtypeStruct((1, text_len), jnp.int32),
-                        jax.ShapeDtypeStruct((1, text_len), jnp.int32))["params"]
 
 
 # Counts from the issue (big_vision's own model reports these for the released configs).
@@ -49,12 +44,12 @@ def _abstract_params(model, image_size, text_len=4):
 ])
 def test_parameter_counts_of_released_configs(llm, res, expected):
   model = Model(img=dict(variant="So400m/14", image_size=res), llm=dict(variant=llm))
-  shapes = _abstract_params(model, res)
+  shapes = build.abstract_params(model)
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected
 
 
 def test_parameter_names_and_shapes_match_reference():
-  shapes = _abstract_params(Model(img=dict(variant="So400m/14"), llm=dict(variant="gemma2_2b")), 224)
+  shapes = build.abstract_params(Model(img=dict(variant="So400m/14"), llm=dict(variant="gemma2_2b")))
   flat = {k: v.shape for k, v in tree.flatten(shapes).items()}
   assert flat["img/embedding/kernel"] == (14, 14, 3, 1152)
   assert flat["img/pos_embedding"] == (1, 256, 1152)
@@ -72,16 +67,16 @@ def test_parameter_names_and_shapes_match_reference():
     assert flat[f"llm/layers/{norm}/scale"] == (26, 2304)
   assert flat["llm/final_norm/scale"] == (2304,)
   # Gemma 1 has no post norms; heads == kv_heads uses the fused qkv_einsum.
-  g1 = tree.flatten(_abstract_params(Model(img=dict(variant="mu/14"), llm=dict(variant="gemma_2b")), 224))
+  g1 = tree.flatten(build.abstract_params(Model(img=dict(variant="mu/14"), llm=dict(variant="gemma_2b"))))
   assert not any("post_" in k for k in g1)
-  mha = tree.flatten(_abstract_params(Model(**dict(TINY, llm=dict(variant="gemma_tiny", num_kv_heads=4))), 16))
+  mha = tree.flatten(build.abstract_params(Model(**dict(TINY, llm=dict(variant="gemma_tiny", num_kv_heads=4)))))
   assert mha["llm/layers/attn/qkv_einsum/w"].shape == (2, 3, 4, 64, 16)
 
 
 def test_unstacked_equals_stacked_and_remat_keeps_gradients():
   image, text, mask_ar = _inputs()
   stacked = Model(**TINY)
-  params = _init(stacked, image, text, mask_ar)
+  params = _init(stacked)
   ref, _ = _apply(stacked, params, image, text, mask_ar)
 
   unstacked = Model(**TINY, scan=False)
@@ -103,7 +98,7 @@ def test_unstacked_equals_stacked_and_remat_keeps_gradients():
 def test_param_and_compute_dtypes_are_separate(param_dtype, dtype):
   image, text, mask_ar = _inputs()
   model = Model(**TINY, param_dtype=param_dtype, dtype=dtype)
-  params = _init(model, image, text, mask_ar)
+  params = _init(model)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(param_dtype)}
   logits, _ = _apply(model, params, image, text, mask_ar)
   assert logits.dtype == jnp.float32 and logits.shape == (2, 6, 512)
@@ -117,7 +112,7 @@ def test_param_and_compute_dtypes_are_separate(param_dtype, dtype):
 def test_final_logit_softcap_is_a_switch():
   image, text, mask_ar = _inputs()
   model = Model(**TINY)
-  params = _init(model, image, text, mask_ar)
+  params = _init(model)
   params["llm"]["embedder"]["input_embedding"] *= 40  # Push logits past the cap of 30.
   capped, _ = _apply(model, params, image, text, mask_ar)
   off = Model(img=TINY["img"], llm=dict(TINY["llm"], final_logits_softcap=None))
@@ -143,3 +138,21 @@ def test_errors_name_the_problem():
   short = Model(img=TINY["img"], llm=dict(TINY["llm"], max_len=20))
   with pytest.raises(ValueError, match=r"16 image \+ 6 text tokens exceeds the model's limit of 20"):
     short.init(jax.random.PRNGKey(0), image, text, mask_ar)
+
+
+def test_configs_resolved_once_and_model_hashable():
+  """Tower dicts are resolved at construction: the model equals (and hashes as) one built
+  from the resolved configs, so it can be a static jit argument."""
+  img = variants.ViTConfig.from_dict(TINY["img"])
+  llm = variants.GemmaConfig.from_dict(TINY["llm"])
+  model = Model(**TINY)
+  assert model.img == img and model.llm == llm and model.num_image_tokens == img.num_tokens == 16
+  assert llm.query_pre_attn_scalar == 16.0 and llm.sliding_window == 8
+  same = Model(img=img, llm=llm)
+  assert model == same and hash(model) == hash(same)
+  assert Model(img=img.to_dict(), llm=llm.to_dict()) == model
+  assert variants.resolve_gemma(llm) == llm.to_dict() == variants.resolve_gemma(TINY["llm"])
+  assert model != Model(img=img, llm=dict(TINY["llm"], vocab_size=256))
+  assert build.build_model(dict(TINY, dtype="bfloat16")) == model.clone(dtype="bfloat16")
+  with pytest.raises(ValueError, match=r"Unknown model config key\(s\) \['dtpye'\]"):
+    build.build_model(dict(TINY, dtpye="float32"))

@@ -10,6 +10,7 @@ import torch
 
 import hf_tiny
 from paligemma import checkpoint
+from paligemma.models import gemma
 from paligemma.models.paligemma import Model
 
 TOL = 1e-4
@@ -109,14 +110,18 @@ def _decode_params(tmp_root, version):
 def _greedy_cached(model, params, image, text, mask_input, steps):
   prefill = jax.jit(functools.partial(model.apply, method=Model.prefill), static_argnums=5)
   extend = jax.jit(functools.partial(model.apply, method=Model.extend))
+  # The model returns features; the output layer is the tied embedding.
+  logits_of = jax.jit(lambda x: gemma.tied_logits(
+      x, params["llm"]["embedder"]["input_embedding"], model.dtype,
+      model.llm.final_logits_softcap))
   cache_size = model.num_image_tokens + text.shape[1] + steps
-  logits, cache = prefill({"params": params}, image, text, np.zeros_like(text), mask_input,
-                          cache_size)
+  x, cache = prefill({"params": params}, image, text, np.zeros_like(text), mask_input,
+                     cache_size)
   tokens = []
   for _ in range(steps):
-    token = jnp.argmax(logits, -1).astype(jnp.int32)
+    token = jnp.argmax(logits_of(x), -1).astype(jnp.int32)
     tokens.append(np.asarray(token))
-    logits, cache = extend({"params": params}, token, cache)
+    x, cache = extend({"params": params}, token, cache)
   return np.stack(tokens, 1)
 
 

@@ -25,7 +25,6 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from paligemma.trainer import metrics as metrics_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -92,12 +91,11 @@ def wait(proc, timeout=900):
 # In a process with 8 CPU devices: some of the three meshes (argv[3], comma-separated),
 # then the decoding check if argv[4] is "decode"; results in argv[1]/report_<argv[3]>.json.
 _EIGHT_DEVICES = r"""
-import json, sys, time
+import dataclasses, json, sys, time
 import jax, numpy as np
-from paligemma import decode, optim, sharding, train
+from paligemma import config as config_lib, decode, optim, sharding, train
 from paligemma.checkpoint import shapes as param_shapes
 from paligemma.models import paligemma as model_lib
-from transfers import shapes
 
 assert jax.device_count() == 8, jax.devices()
 out_dir = sys.argv[1]
@@ -108,9 +106,9 @@ report = {}
 for name in filter(None, sys.argv[3].split(",")):
   mesh, rules = runs[name]
   start = time.time()
-  config = shapes.get_config(sys.argv[2])
+  config = config_lib.load(f"transfers/shapes.py:{sys.argv[2]}")  # cwd: the repository.
   config.progress, config.log_every, config.ckpt_every = False, 1, 0
-  config.mesh, config.sharding_rules = mesh, rules
+  config.mesh, config.sharding_strategy = mesh, rules
   train.train(config, f"{out_dir}/{name}")
   report[f"{name}_seconds"] = time.time() - start
 if sys.argv[4] != "decode":
@@ -152,7 +150,8 @@ for sampler in ("greedy",):
   report[sampler] = dict(want=want.tolist(), got=got.tolist(), got6=got6.tolist())
   cache = jax.eval_shape(lambda p: model.apply({"params": p}, batch["image"], batch["text"],
       batch["mask_ar"], batch["mask_input"], 30, method=model_lib.Model.prefill)[1], one)
-  report["cache_specs"] = {k: as_list(v) for k, v in sharding.kv_cache_specs(mesh, cache).items()}
+  specs = cache.specs(mesh)
+  report["cache_specs"] = {f.name: as_list(getattr(specs, f.name)) for f in dataclasses.fields(specs)}
 report["decode_seconds"] = time.time() - start
 with open(f"{out_dir}/report_{sys.argv[3]}.json", "w") as f:
   json.dump(report, f)

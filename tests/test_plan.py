@@ -6,32 +6,31 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
+from paligemma import config as config_lib
 from paligemma import plan as plan_lib
-from paligemma import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from transfers import colab_t4  # pylint: disable=wrong-import-position
-from transfers import flickr8k  # pylint: disable=wrong-import-position
-from transfers import shapes  # pylint: disable=wrong-import-position
+
+
+def _transfer(name, arg=None):
+  """transfers/<name>.py[:arg], loaded as --config loads it."""
+  path = os.path.join(REPO, "transfers", f"{name}.py")
+  return config_lib.load(path if arg is None else f"{path}:{arg}")
 
 
 def _counts(config):
   """{name: count} of every parameter, straight from the model (no planner code)."""
   from paligemma.checkpoint import tree
-  model = train.build_model(config)
-  res, t = config.input.image_size, config.input.text_len
-  p = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.numpy.zeros((1, res, res, 3)),
-                     jax.numpy.zeros((1, t), "int32"), jax.numpy.zeros((1, t), "int32"))
-  return {k: math.prod(v.shape) for k, v in tree.flatten(p["params"]).items()}
+  from paligemma.models import build
+  p = build.abstract_params(build.build_model(config.model))
+  return {k: math.prod(v.shape) for k, v in tree.flatten(p).items()}
 
 
 @pytest.fixture(scope="module")
 def config():
-  return shapes.get_config("evals=False")
+  return _transfer("shapes", "evals=False")
 
 
 def test_full_finetune_bytes(config):
@@ -97,11 +96,11 @@ def _attention_only_bytes(config, p):
 
 
 @pytest.mark.parametrize("recipe,batch,optimizer_per_param", [
-    (flickr8k, 10, 8),   # Adam: mu and nu, float32.
-    (colab_t4, 8, 0),    # Plain SGD: no state (a step count).
+    ("flickr8k", 10, 8),   # Adam: mu and nu, float32.
+    ("colab_t4", 8, 0),    # Plain SGD: no state (a step count).
 ])
 def test_t4_recipes_fit_16gb(recipe, batch, optimizer_per_param):
-  config = recipe.get_config()
+  config = _transfer(recipe)
   p = plan_lib.make_plan(config, "t4")
   attn = _attention_only_bytes(config, p)
   # PaliGemma 2 3B: 26 layers x (q 8x2304x256, kv 2x4x2304x256, out 8x256x2304).

@@ -13,6 +13,7 @@ from PIL import Image
 from paligemma import checkpoint
 from paligemma import predict
 from paligemma.data import shapes
+from paligemma.models import build
 from paligemma.models.paligemma import Model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,11 +47,10 @@ def random_workdir(tmp_path_factory):
   """A workdir in the trainer's export layout, with random params (plumbing tests)."""
   workdir = str(tmp_path_factory.mktemp("workdir"))
   model = Model(**TINY)
-  shapes_ = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3)),
-                           np.zeros((1, 4), np.int32), np.zeros((1, 4), np.int32))
+  shapes_ = build.abstract_params(model)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32), shapes_)
-  checkpoint.save_npz(params["params"], os.path.join(workdir, "params.npz"))
+  checkpoint.save_npz(params, os.path.join(workdir, "params.npz"))
   with open(os.path.join(workdir, "model_config.json"), "w") as f:
     json.dump(TINY, f)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -82,5 +82,5 @@ def test_load_for_inference_errors(tmp_path, random_workdir):
   with pytest.raises(checkpoint.CheckpointError, match="no such file"):
     predict.load_for_inference(str(tmp_path / "missing.npz"))
   model, params, tok, run_config = predict.load_for_inference(random_workdir)
-  assert model.img["image_size"] == 32 and tok.vocab_size == 1920
+  assert model.img.image_size == 32 and tok.vocab_size == 1920
   assert run_config["input"]["text_len"] == 12

@@ -157,17 +157,8 @@ def test_tensor_parallel_rules_match_per_layer_names():
     assert tuple(sharding.spec_for(mesh, "fsdp_tp", name, shape)) == want, name
 
 
-def test_kv_cache_specs_fall_back_where_not_divisible():
-  mesh = FakeMesh(data=4, model=2)
-  cache = lambda b, k: dict(k=np.zeros((2, b, 30, k, 16)), v=np.zeros((2, b, 30, k, 16)),
-                            pos=np.zeros((b, 30)), valid=np.zeros((b, 30)),
-                            seq_len=np.zeros((b,)), index=np.zeros(()))
-  specs = sharding.kv_cache_specs(mesh, cache(8, 2))
-  assert specs["k"] == P(None, "data", None, "model", None)
-  assert specs["pos"] == P("data", None) and specs["seq_len"] == P("data")
-  assert specs["index"] == P()
-  assert sharding.kv_cache_specs(mesh, cache(8, 1))["k"] == P(None, "data", None, None, None)
-  assert sharding.kv_cache_specs(mesh, cache(6, 2))["k"] == P(None, None, None, "model", None)
+def test_batch_spec_falls_back_where_not_divisible():
+  # (The KV cache's specs: tests/test_decode.py, test_cache_rows_and_specs.)
   # Batch over two axes where both divide, else the first only, else replicated.
   mesh = FakeMesh(replica=2, data=4)
   axes = ("replica", "data")

@@ -1,6 +1,6 @@
 """Parameter shapes from a model_config, and a model_config inferred from shapes.
 
-Both in our stacked naming (see ../shared/reference/paligemma.md section 1).
+Both in our stacked naming (big_vision's names, layers stacked on axis 0).
 """
 
 import math
@@ -13,15 +13,16 @@ _MHA = _VIT + "MultiHeadDotProductAttention_0/"
 
 
 def param_shapes(model_config):
-  """{our stacked name: shape} for a model_config."""
-  img = variants.resolve_vit(model_config["img"])
-  llm = variants.resolve_gemma(model_config["llm"])
-  p, vw, vl, vm = img["patch_size"], img["width"], img["depth"], img["mlp_dim"]
-  vh = img["num_heads"]
+  """{our stacked name: shape} for a model_config (tower dicts or resolved configs),
+  written out so that checkpoint code needs no model (tests/test_abstract_params.py checks
+  them against the model's)."""
+  img = variants.ViTConfig.from_dict(model_config["img"])
+  llm = variants.GemmaConfig.from_dict(model_config["llm"])
+  p, vw, vl, vm, vh = img.patch_size, img.width, img.depth, img.mlp_dim, img.num_heads
   vd = vw // vh
-  n = (img["image_size"] // p) ** 2
-  w, l, f = llm["width"], llm["depth"], llm["mlp_dim"]
-  h, k, d = llm["num_heads"], llm["num_kv_heads"], llm["head_dim"]
+  n = img.num_tokens
+  w, l, f = llm.width, llm.depth, llm.mlp_dim
+  h, k, d = llm.num_heads, llm.num_kv_heads, llm.head_dim
   s = {
       "img/embedding/kernel": (p, p, 3, vw), "img/embedding/bias": (vw,),
       "img/pos_embedding": (1, n, vw),
@@ -32,7 +33,7 @@ def param_shapes(model_config):
       _MHA + "out/kernel": (vl, vh, vd, vw), _MHA + "out/bias": (vl, vw),
       "img/Transformer/encoder_norm/scale": (vw,), "img/Transformer/encoder_norm/bias": (vw,),
       "img/head/kernel": (vw, w), "img/head/bias": (w,),
-      "llm/embedder/input_embedding": (llm["vocab_size"], w),
+      "llm/embedder/input_embedding": (llm.vocab_size, w),
       "llm/final_norm/scale": (w,),
       "llm/layers/attn/attn_vec_einsum/w": (l, h, d, w),
       "llm/layers/mlp/gating_einsum": (l, 2, w, f),
@@ -48,7 +49,7 @@ def param_shapes(model_config):
   else:
     s["llm/layers/attn/q_einsum/w"] = (l, h, w, d)
     s["llm/layers/attn/kv_einsum/w"] = (l, 2, k, w, d)
-  if llm["post_norms"]:
+  if llm.post_norms:
     s["llm/layers/post_attention_norm/scale"] = (l, w)
     s["llm/layers/post_ffw_norm/scale"] = (l, w)
   return s

@@ -53,7 +53,7 @@ class Evaluator:
   DEFAULTS = {}
 
   def __init__(self, config, *, model, tokenizer, image_size, text_len, predictions_dir=None,
-               eval_name=None, data_sharding=None, progress=True):
+               eval_name=None, data_sharding=None, progress=True, antialias=True):
     config = dict(config)
     valid = COMMON_KEYS + self.KEYS
     unknown = sorted(set(config) - set(valid))
@@ -67,6 +67,7 @@ class Evaluator:
     self.name = eval_name or config.get("type") or type(self).__name__
     self.model, self.tokenizer = model, tokenizer
     self.image_size, self.text_len = image_size, int(text_len)
+    self.antialias = bool(antialias)  # The run's input.antialias, as in training.
     self.predictions_dir, self.data_sharding, self.progress = predictions_dir, data_sharding, progress
     data = config["data"]
     data = dict(data) if hasattr(data, "keys") else data
@@ -111,7 +112,8 @@ class DecodingEvaluator(Evaluator):
     """list[dict] per example, source order: index, id, prompt, prediction, references,
     tokens, logprobs (numpy)."""
     data = pipeline.make_eval_input(self.source, self.tokenizer, image_size=self.image_size,
-                                    text_len=self.text_len, batch_size=self.batch_size)
+                                    text_len=self.text_len, batch_size=self.batch_size,
+                                    antialias=self.antialias)
     out = {}
     keys = ("image", "text", "mask_ar", "mask_input")
     for batch in self._bar(data, data.steps_per_epoch):

@@ -4,10 +4,10 @@ Axis letters: B batch, T query positions, S key/value positions (cache slots),
 D width, N query heads, K key/value heads, G query heads per kv head (N = K*G),
 H head dim, F mlp dim, V vocabulary, L layers.
 
-The KV cache is a plain pytree (no flax "cache" collection) so that decoding is a pure
-function of (params, cache, tokens): k, v float[L, B, S, K, H], written at one slot index
-shared by the batch; which slots are real and their positions are tracked by the caller
-(see paligemma.models.paligemma).
+The KV cache is explicit (no flax "cache" collection) so that decoding is a pure
+function of (params, cache, tokens): the layers take and return k, v float[L, B, S, K, H],
+written at one slot index shared by the batch; which slots are real and their positions
+are tracked by the caller (`paligemma.models.cache.Cache`).
 """
 
 import flax.linen as nn
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from paligemma.models import layers
+from paligemma.models import variants
 
 class RMSNorm(nn.Module):
   """x * rsqrt(mean(x^2) + eps) * (1 + scale), computed in float32."""
@@ -160,58 +161,45 @@ class Block(nn.Module):
 
 
 class Gemma(nn.Module):
-  """Gemma decoder. Use `embed` for tokens, `__call__` for the layers, `logits` for the head."""
-  width: int
-  depth: int
-  mlp_dim: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  vocab_size: int = 257_152
-  query_pre_attn_scalar: float | None = None
-  rope_max_wavelength: int = 10_000
-  norm_eps: float = 1e-6
-  post_norms: bool = False
-  attn_logits_softcap: float | None = None
-  final_logits_softcap: float | None = None
-  sliding_window: int | None = None
-  max_len: int = 8192
+  """Gemma decoder: `embed` for tokens, `__call__` for the layers, `logits` for the tied
+  output layer."""
+  config: variants.GemmaConfig
   scan: bool = True
   remat_policy: str = "none"
   dtype: str = "float32"
   param_dtype: str = "float32"
-  variant: str | None = None  # Informative only; the fields above define the decoder.
 
   def setup(self):
-    self.embedder = Embedder(self.vocab_size, self.width, self.dtype, self.param_dtype,
+    cfg = self.config
+    self.embedder = Embedder(cfg.vocab_size, cfg.width, self.dtype, self.param_dtype,
                              name="embedder")
-    kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-              head_dim=self.head_dim, mlp_dim=self.mlp_dim,
-              query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
-              post_norms=self.post_norms, attn_logits_softcap=self.attn_logits_softcap,
-              rope_max_wavelength=self.rope_max_wavelength, norm_eps=self.norm_eps,
+    kw = dict(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+              head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim,
+              query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+              post_norms=cfg.post_norms, attn_logits_softcap=cfg.attn_logits_softcap,
+              rope_max_wavelength=cfg.rope_max_wavelength, norm_eps=cfg.norm_eps,
               dtype=self.dtype, param_dtype=self.param_dtype)
     block = layers.maybe_remat(Block, self.remat_policy)
     if self.scan:
       self.layers = layers.scan_layers(
-          block, self.depth, in_axes=(0,) + (nn.broadcast,) * 4)(name="layers", **kw)
+          block, cfg.depth, in_axes=(0,) + (nn.broadcast,) * 4)(name="layers", **kw)
     else:
-      self.layers = [block(name=f"layers_{i}", **kw) for i in range(self.depth)]
-    self.final_norm = RMSNorm(self.norm_eps, self.param_dtype, name="final_norm")
+      self.layers = [block(name=f"layers_{i}", **kw) for i in range(cfg.depth)]
+    self.final_norm = RMSNorm(cfg.norm_eps, self.param_dtype, name="final_norm")
 
   def embed(self, tokens):
     """int32[B, T] -> float[B, T, D], scaled by sqrt(D)."""
     return self.embedder.encode(tokens)
 
-  def logits(self, x, head=None):
-    """float[B, ..., D] (final-normed) -> float32[B, ..., V], tied embedding + soft-cap
-    (`head`: optional float[D, V], the embedding transposed; see Embedder.decode)."""
-    return layers.softcap(self.embedder.decode(x, head), self.final_logits_softcap)
+  def logits(self, x):
+    """float[B, ..., D] (final-normed) -> float32[B, ..., V] (see `tied_logits`)."""
+    return tied_logits(x, self.embedder.input_embedding, self.dtype,
+                       self.config.final_logits_softcap)
 
   def is_local(self):
     """bool[L]: which layers use the sliding window (even ones, as transformers)."""
-    local = jnp.arange(self.depth) % 2 == 0
-    return local if self.sliding_window else jnp.zeros_like(local)
+    local = jnp.arange(self.config.depth) % 2 == 0
+    return local if self.config.sliding_window else jnp.zeros_like(local)
 
   def __call__(self, x, positions, mask, mask_local=None, cache=None, cache_index=None):
     """Runs the layers and the final norm.
@@ -235,7 +223,7 @@ class Gemma(nn.Module):
 
 
 class Embedder(nn.Module):
-  """Token embedding table `input_embedding` float[V, D], shared with the output head."""
+  """Token embedding table `input_embedding` float[V, D], shared with the output layer."""
   vocab_size: int
   width: int
   dtype: str = "float32"
@@ -252,9 +240,11 @@ class Embedder(nn.Module):
     x = jnp.take(self.input_embedding, tokens, axis=0).astype(self.dtype)
     return x * jnp.sqrt(self.width).astype(self.dtype)
 
-  def decode(self, x, head=None):
-    """float[..., D] -> float32[..., V]; `head` float[D, V], when given, is the embedding
-    transposed (the same numbers in the layout XLA's CPU dot reads fastest)."""
-    eqn, w = ("...D,VD->...V", self.input_embedding) if head is None else ("...D,DV->...V", head)
-    return jnp.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+
+def tied_logits(x, embedding, dtype, softcap=None):
+  """The tied output layer: float[..., D] (final-normed features) and the embedding
+  float[V, D] -> float32[..., V], one matmul in `dtype` with float32 accumulation, then
+  the soft-cap (None or 0: none). Used by the model, the decoder and the loss alike."""
+  z = jnp.einsum("...D,VD->...V", x.astype(dtype), embedding.astype(dtype),
+                 preferred_element_type=jnp.float32)
+  return layers.softcap(z, softcap)

@@ -1,8 +1,14 @@
-"""Named architecture presets for the two towers, and how a config dict is resolved.
+"""Named architecture presets for the two towers, and how a tower config is resolved.
 
-A tower config is a plain dict: an optional `variant` name plus any field, where a
-given field overrides the variant's value. `resolve_*` returns the complete dict.
+A tower config is written as a plain dict (configs, checkpoints, model_config.json): an
+optional `variant` name plus any field, where a given field overrides the variant's
+value. It is resolved once into a frozen, hashable `ViTConfig` / `GemmaConfig`
+(`from_dict`; `to_dict` gives the complete dict back), which the model holds: a model
+is then hashable and can be a static jit argument. `resolve_*` returns the complete
+dict, for code that reads configs as dicts.
 """
+
+import dataclasses
 
 VIT_VARIANTS = {
     # name: width, depth, mlp_dim, num_heads (big_vision's naming; patch from "/NN").
@@ -17,7 +23,6 @@ VIT_VARIANTS = {
     "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
 }
 VIT_DEFAULTS = dict(variant=None, patch_size=14, image_size=224, ln_eps=1e-6)
-VIT_FIELDS = ("width", "depth", "mlp_dim", "num_heads") + tuple(VIT_DEFAULTS)
 
 _GEMMA1 = dict(post_norms=False, attn_logits_softcap=None, final_logits_softcap=None,
                sliding_window=None)
@@ -43,12 +48,71 @@ GEMMA_DEFAULTS = dict(
     rope_max_wavelength=10_000, norm_eps=1e-6, max_len=8192,
     post_norms=False, attn_logits_softcap=None, final_logits_softcap=None,
     sliding_window=None)
-GEMMA_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "num_kv_heads",
-                "head_dim") + tuple(GEMMA_DEFAULTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """A resolved SigLIP ViT tower (every field set; see VIT_VARIANTS for the presets)."""
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  variant: str | None  # Informative only; the other fields define the tower.
+  patch_size: int
+  image_size: int
+  ln_eps: float
+
+  @classmethod
+  def from_dict(cls, cfg):
+    """ViTConfig from a config dict (variant name and overrides), or `cfg` if one already."""
+    return cfg if isinstance(cfg, cls) else cls(**resolve_vit(cfg))
+
+  def to_dict(self):
+    """The complete config dict (as `resolve_vit` returns it)."""
+    return dataclasses.asdict(self)
+
+  @property
+  def num_tokens(self):
+    """Image tokens (patches) per image."""
+    return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+  """A resolved Gemma decoder (every field set; see GEMMA_VARIANTS for the presets)."""
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  variant: str | None  # Informative only; the other fields define the decoder.
+  vocab_size: int
+  query_pre_attn_scalar: float  # Queries are scaled by its -1/2 power.
+  rope_max_wavelength: int
+  norm_eps: float
+  max_len: int  # Image + text tokens the model accepts.
+  post_norms: bool  # Gemma 2's post-attention and post-ffw norms.
+  attn_logits_softcap: float | None
+  final_logits_softcap: float | None  # None or 0: no soft-cap.
+  sliding_window: int | None  # Window of the even layers; None: all layers global.
+
+  @classmethod
+  def from_dict(cls, cfg):
+    """GemmaConfig from a config dict (variant name and overrides), or `cfg` if one already."""
+    return cfg if isinstance(cfg, cls) else cls(**resolve_gemma(cfg))
+
+  def to_dict(self):
+    """The complete config dict (as `resolve_gemma` returns it)."""
+    return dataclasses.asdict(self)
+
+
+VIT_FIELDS = tuple(f.name for f in dataclasses.fields(ViTConfig))
+GEMMA_FIELDS = tuple(f.name for f in dataclasses.fields(GemmaConfig))
 
 
 def _resolve(kind, cfg, variants, defaults, fields, variant_name):
-  cfg = dict(cfg or {})
+  cfg = cfg.to_dict() if isinstance(cfg, (ViTConfig, GemmaConfig)) else dict(cfg or {})
   unknown = sorted(set(cfg) - set(fields))
   if unknown:
     raise ValueError(f"Unknown {kind} config key(s) {unknown}; valid keys: {sorted(fields)}")
@@ -85,12 +149,14 @@ def valid_names(kind):
 
 
 def resolve_vit(cfg):
-  """Complete ViT config dict from a variant name (e.g. "So400m/14") and overrides."""
+  """Complete ViT config dict from a variant name (e.g. "So400m/14") and overrides (or
+  from a ViTConfig)."""
   return _resolve("img", cfg, VIT_VARIANTS, VIT_DEFAULTS, VIT_FIELDS, _vit_name)
 
 
 def resolve_gemma(cfg):
-  """Complete Gemma config dict from a variant name (e.g. "gemma2_2b") and overrides."""
+  """Complete Gemma config dict from a variant name (e.g. "gemma2_2b") and overrides (or
+  from a GemmaConfig)."""
   out = _resolve("llm", cfg, GEMMA_VARIANTS, GEMMA_DEFAULTS, GEMMA_FIELDS,
                  lambda n: (n, {}))
   if out["query_pre_attn_scalar"] is None:

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from paligemma.models import layers
+from paligemma.models import variants
 
 
 class MlpBlock(nn.Module):
@@ -93,40 +94,30 @@ class Encoder(nn.Module):
 
 class ViT(nn.Module):
   """SigLIP image encoder: patches -> tokens, no pooling, then the linear projector `head`."""
-  width: int
-  depth: int
-  mlp_dim: int
-  num_heads: int
-  patch_size: int = 14
-  image_size: int = 224
-  ln_eps: float = 1e-6
+  config: variants.ViTConfig
   num_classes: int | None = None  # Output width of `head` (the LLM width); None: no head.
   scan: bool = True
   remat_policy: str = "none"
   dtype: str = "float32"
   param_dtype: str = "float32"
-  variant: str | None = None  # Informative only; the fields above define the tower.
-
-  @property
-  def num_tokens(self):
-    return (self.image_size // self.patch_size) ** 2
 
   @nn.compact
   def __call__(self, image):
     """float32[B, H, W, 3] in [-1, 1] -> (float[B, N, num_classes], aux dict)."""
+    cfg = self.config
     _, h, w, c = image.shape
-    if h != self.image_size or w != self.image_size or c != 3:
+    if h != cfg.image_size or w != cfg.image_size or c != 3:
       raise ValueError(f"Image batch of shape {image.shape[1:]} does not match the model's "
-                       f"({self.image_size}, {self.image_size}, 3): resize the images or set "
+                       f"({cfg.image_size}, {cfg.image_size}, 3): resize the images or set "
                        f"img.image_size")
-    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+    x = nn.Conv(cfg.width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2,
                 padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
                 name="embedding")(image.astype(self.dtype))
-    x = x.reshape(x.shape[0], -1, self.width)
-    pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / self.width ** 0.5),
-                     (1, x.shape[1], self.width), self.param_dtype)
+    x = x.reshape(x.shape[0], -1, cfg.width)
+    pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / cfg.width ** 0.5),
+                     (1, x.shape[1], cfg.width), self.param_dtype)
     x = x + pos.astype(x.dtype)
-    x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.ln_eps, self.scan,
+    x = Encoder(cfg.depth, cfg.mlp_dim, cfg.num_heads, cfg.ln_eps, self.scan,
                 self.remat_policy, self.dtype, self.param_dtype, name="Transformer")(x)
     aux = {"pre_logits": x}
     if self.num_classes:

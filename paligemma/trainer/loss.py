@@ -1,4 +1,4 @@
-"""The training loss (reference section 2): suffix tokens only, per-example mean first.
+"""The training loss, as big_vision's: suffix tokens only, per-example mean first.
 
 Axis letters: B batch, T text positions, N = B * T tokens, D width, V vocabulary,
 M tokens per chunk, C vocabulary rows per chunk.
@@ -29,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from paligemma.models import layers
+from paligemma.models import gemma
 
 # Tokens per chunk (M), and the bytes aimed at by one vocabulary chunk when recomputing.
 TOKEN_CHUNK = 128
@@ -58,7 +58,7 @@ def suffix_loss_from_features(features, embedding, targets, mask_loss, *, dtype=
 
   features float[B, T, D] (the final-normed LLM output, Model.text_features);
   embedding float[V, D] (llm/embedder/input_embedding, any storage dtype); the matmuls run
-  in `dtype` with float32 accumulation, as Model.__call__'s output layer.
+  in `dtype` with float32 accumulation, as the model's output layer (gemma.tied_logits).
   targets int32[B, T]; mask_loss int[B, T]. recompute: see the module docstring.
   """
   b, t, d = features.shape
@@ -73,10 +73,8 @@ def suffix_loss_from_features(features, embedding, targets, mask_loss, *, dtype=
 
 
 def _logits(x, e, dtype, cap):
-  """float32[M, C], as Gemma's output layer: one matmul in `dtype`, then the soft-cap."""
-  z = jnp.einsum("MD,CD->MC", x.astype(dtype), e.astype(dtype),
-                 preferred_element_type=jnp.float32)
-  return layers.softcap(z, cap)
+  """float32[M, C]: the model's output layer on embedding rows e float[C, D]."""
+  return gemma.tied_logits(x, e, dtype, cap)
 
 
 def _target_logit(z, t, start):

@@ -44,7 +44,7 @@ def make_train_step(model, tx, lr_fn, *, label_smoothing=0.0, accum_steps=1):
                            method=model_lib.Model.text_features)
     return loss_lib.suffix_loss_from_features(
         features, params["llm"]["embedder"]["input_embedding"], text[:, 1:],
-        batch["mask_loss"][:, 1:], dtype=model.dtype, softcap=model.final_logits_softcap,
+        batch["mask_loss"][:, 1:], dtype=model.dtype, softcap=model.llm.final_logits_softcap,
         label_smoothing=label_smoothing, recompute=remat)
 
   grad_fn = jax.value_and_grad(loss_fn)
