@@ -6,15 +6,14 @@ import pytest
 from paligemma.checkpoint import shapes
 from paligemma.checkpoint import tree
 from paligemma.models import build
+from conftest import tiny_model_config
 
 CASES = {
-    "gemma_tiny": dict(img=dict(variant="mu/4", image_size=16),
-                       llm=dict(variant="gemma_tiny", vocab_size=512)),
+    "gemma_tiny": tiny_model_config(1, patch=4, image_size=16, vocab_size=512),
     "gemma2_tiny": dict(img=dict(variant="mu/8", width=64, depth=2, image_size=32),
                         llm=dict(variant="gemma2_tiny", vocab_size=1920)),
     # As many kv heads as heads: the fused qkv_einsum.
-    "gemma_tiny_mha": dict(img=dict(variant="mu/4", image_size=16),
-                           llm=dict(variant="gemma_tiny", num_kv_heads=4)),
+    "gemma_tiny_mha": tiny_model_config(1, patch=4, image_size=16, num_kv_heads=4),
     # The released towers.
     "pg2_3b_224": dict(img=dict(variant="So400m/14", image_size=224),
                        llm=dict(variant="gemma2_2b")),

@@ -15,7 +15,8 @@ import numpy as np
 from paligemma import checkpoint
 from paligemma import convert
 from paligemma import tokenizer as tokenizer_lib
-from test_checkpoint_npz import CONFIGS, assert_same, random_params
+from conftest import random_params
+from test_checkpoint_npz import CONFIGS, assert_same
 
 # The tiny tokenizer's vocabulary: --to hf writes processor files, which need a tokenizer.
 TINY_VOCAB = tokenizer_lib.load_tokenizer().vocab_size

@@ -12,6 +12,7 @@ import transformers
 import hf_tiny
 from paligemma import checkpoint
 from paligemma.checkpoint import tree
+from conftest import random_params
 from test_checkpoint_npz import assert_same
 
 
@@ -109,7 +110,7 @@ def test_sharded_export_and_load(hf_dirs, tmp_path):
 
 
 def test_small_vocab_export(tmp_path):
-  from test_checkpoint_npz import CONFIGS, random_params  # pylint: disable=g-import-not-at-top
+  from test_checkpoint_npz import CONFIGS  # pylint: disable=g-import-not-at-top
   config = CONFIGS["gemma2"]
   params = random_params(config)
   checkpoint.save_hf(params, config, tmp_path / "v")
@@ -189,7 +190,6 @@ def test_pytorch_bin_directory_refused(tmp_path):
 
 def test_processor_files(tmp_path):
   from paligemma import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from test_checkpoint_npz import random_params  # pylint: disable=g-import-not-at-top
   tok = tokenizer_lib.Tokenizer(tokenizer_lib.TINY_TOKENIZER)
   config = {"img": {"variant": "mu/16", "image_size": 32},
             "llm": {"variant": "gemma_tiny", "vocab_size": tok.vocab_size}}

@@ -6,7 +6,8 @@ import pytest
 
 from paligemma import checkpoint
 from paligemma.checkpoint import kaggle
-from test_checkpoint_npz import CONFIGS, assert_same, random_params
+from conftest import random_params
+from test_checkpoint_npz import CONFIGS, assert_same
 
 HANDLE = "google/paligemma-2/jax/tiny-224"
 

@@ -9,14 +9,12 @@ import transformers
 
 from paligemma import checkpoint
 from paligemma.models import paligemma as paligemma_model
-from test_checkpoint_npz import random_params
+from conftest import random_params, tiny_model_config
 
 CASES = {
-    "paligemma1": {"img": {"variant": "mu/16", "image_size": 32},
-                   "llm": {"variant": "gemma_tiny", "vocab_size": 300}},
+    "paligemma1": tiny_model_config(1),
     # Window shorter than the 4 image + 8 text tokens, so the local layers matter.
-    "paligemma2": {"img": {"variant": "mu/16", "image_size": 32},
-                   "llm": {"variant": "gemma2_tiny", "vocab_size": 300, "sliding_window": 6}},
+    "paligemma2": tiny_model_config(2, sliding_window=6),
 }
 
 

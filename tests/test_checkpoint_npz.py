@@ -11,22 +11,14 @@ import pytest
 from paligemma import checkpoint
 from paligemma.checkpoint import loader
 from paligemma.checkpoint import tree
+from conftest import random_params, tiny_model_config
 
 CONFIGS = {
-    "gemma1": {"img": {"variant": "mu/16", "image_size": 32},
-               "llm": {"variant": "gemma_tiny", "vocab_size": 300}},
-    "gemma2": {"img": {"variant": "mu/16", "image_size": 32},
-               "llm": {"variant": "gemma2_tiny", "vocab_size": 300}},
+    "gemma1": tiny_model_config(1),
+    "gemma2": tiny_model_config(2),
     # kv_heads == heads: the fused qkv_einsum layout.
-    "mha": {"img": {"variant": "mu/16", "image_size": 32},
-            "llm": {"variant": "gemma_tiny", "num_kv_heads": 4, "vocab_size": 300}},
+    "mha": tiny_model_config(1, num_kv_heads=4),
 }
-
-
-def random_params(config, seed=0, dtype=np.float32):
-  rng = np.random.default_rng(seed)
-  shapes = checkpoint.param_shapes(config)
-  return tree.unflatten({n: rng.standard_normal(s).astype(dtype) for n, s in shapes.items()})
 
 
 def assert_same(a, b):

@@ -20,11 +20,6 @@ A_RED_CIRCLE = [689, 321, 302]
 N = 10
 
 
-@pytest.fixture(scope="module")
-def tok():
-  return tokenizer.load_tokenizer()
-
-
 def _write_jsonl(folder, n=N, bad=()):
   """n solid-colour PNGs whose red channel encodes the example number (25 * i)."""
   lines = []

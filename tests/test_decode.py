@@ -14,16 +14,17 @@ from paligemma import tokenizer as tokenizer_lib
 from paligemma.models import build
 from paligemma.models.cache import Cache
 from paligemma.models.paligemma import Model
+from conftest import TINY_VOCAB, tiny_model_config
 
-VOCAB = 1920  # The tiny tokenizer's, so texts can be decoded.
+VOCAB = TINY_VOCAB  # So texts can be decoded.
 PROMPT_LEN, STEPS = 10, 12
 LENGTHS = [5, 9, 3]
 
 
 def _model(version):
-  llm = (dict(variant="gemma_tiny", vocab_size=VOCAB) if version == 1 else
-         dict(variant="gemma2_tiny", vocab_size=VOCAB, sliding_window=8))
-  return Model(img=dict(variant="mu/4", image_size=16), llm=llm)
+  window = {} if version == 1 else {"sliding_window": 8}
+  return Model(**tiny_model_config(version, patch=4, image_size=16, vocab_size=VOCAB,
+                                   **window))
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,6 +16,7 @@ from paligemma.evaluators import predictions
 from paligemma.evaluators import vqa
 from paligemma.models import build
 from paligemma.models.paligemma import Model
+from conftest import TINY_VOCAB, tiny_model_config
 
 REFS = {"0": ["a red circle on white paper"], "1": ["two blue squares next to trees"]}
 
@@ -112,8 +113,7 @@ def test_iou_and_map_known_values():
 # -- evaluators end to end --------------------------------------------------------------
 
 def _tiny_model():
-  return Model(img=dict(variant="mu/4", image_size=16),
-               llm=dict(variant="gemma_tiny", vocab_size=1920))
+  return Model(**tiny_model_config(1, patch=4, image_size=16, vocab_size=TINY_VOCAB))
 
 
 def _zero_params(model):

@@ -9,9 +9,9 @@ from paligemma.checkpoint import tree
 from paligemma.models import build
 from paligemma.models import variants
 from paligemma.models.paligemma import Model
+from conftest import tiny_model_config
 
-TINY = dict(img=dict(variant="mu/4", image_size=16),
-            llm=dict(variant="gemma2_tiny", vocab_size=512, sliding_window=8))
+TINY = tiny_model_config(2, patch=4, image_size=16, vocab_size=512, sliding_window=8)
 
 
 def _inputs(batch=2, text_len=6, image_size=16):

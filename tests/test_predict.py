@@ -12,13 +12,14 @@ from PIL import Image
 
 from paligemma import checkpoint
 from paligemma import predict
+from paligemma import transfer_configs
 from paligemma.data import shapes
 from paligemma.models import build
 from paligemma.models.paligemma import Model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(img=dict(variant="mu/8", width=64, depth=2, mlp_dim=128, num_heads=2, image_size=32),
-            llm=dict(variant="gemma_tiny", vocab_size=1920, final_logits_softcap=None))
+# The shapes demo's model (what a trainer workdir of transfers/shapes.py holds).
+TINY = {k: transfer_configs.TINY_MODEL[k] for k in ("img", "llm")}
 
 
 def _run(module, *args, check=True):

@@ -11,11 +11,6 @@ CAPTION_EN = [486, 328]
 A_RED_CIRCLE = [689, 321, 302]
 
 
-@pytest.fixture(scope="module")
-def tok():
-  return tokenizer.load_tokenizer()
-
-
 def _lists(tokens):
   return {k: v.tolist() for k, v in tokens.items()}
 

@@ -18,11 +18,6 @@ NEWLINE = 4
 A_RED_CIRCLE = [689, 321, 302]    # "a", "▁red", "▁circle"
 
 
-@pytest.fixture(scope="module")
-def tok():
-  return tokenizer.load_tokenizer()
-
-
 def _text_only_model(tmp_path):
   """The tiny model without its loc/seg pieces: the shape of a plain Gemma tokenizer."""
   proto = sentencepiece_model_pb2.ModelProto()

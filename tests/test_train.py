@@ -207,10 +207,8 @@ def test_partial_checkpoint_write_is_ignored(reference, cache, tmp_path):
 def test_four_devices_fsdp_same_losses(reference, cache, tmp_path):
   workdir = tmp_path / "fsdp4"
   out = subprocess.run(
-      [sys.executable, "-c",
-       "import jax, sys; sys.argv = sys.argv[1:]; assert jax.device_count() == 4;"
-       "from paligemma import config, train; config.run(train.main)",
-       *_command(workdir)[2:]],
+      [sys.executable, os.path.join(REPO, "tests", "workers", "train_on_devices.py"), "4",
+       *_command(workdir)[3:]],
       cwd=REPO, env=_env(cache, devices=4), capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   want, got = _losses(reference), _losses(workdir)

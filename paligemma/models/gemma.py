@@ -45,11 +45,9 @@ def fan_in_normal(fan_in_axes):
   return init
 
 
-class Einsum(nn.Module):
+class Einsum(layers.Layer):
   """A single weight `w` used in an einsum (the Gemma naming)."""
   shape: tuple
-  dtype: str = "float32"
-  param_dtype: str = "float32"
   fan_in_axes: tuple = (-2,)  # The contracted input dims of `shape`.
 
   @nn.compact
@@ -68,7 +66,7 @@ def apply_rope(x, positions, max_wavelength=10_000):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-class Attention(nn.Module):
+class Attention(layers.Layer):
   """Multi-query / grouped-query / multi-head attention with RoPE and optional soft-cap."""
   num_heads: int
   num_kv_heads: int
@@ -76,8 +74,6 @@ class Attention(nn.Module):
   query_pre_attn_scalar: float
   attn_logits_softcap: float | None = None
   rope_max_wavelength: int = 10_000
-  dtype: str = "float32"
-  param_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x, positions, mask, cache=None, cache_index=None):
@@ -109,11 +105,9 @@ class Attention(nn.Module):
     return out, new_cache
 
 
-class FeedForward(nn.Module):
+class FeedForward(layers.Layer):
   """GeGLU: gelu(x W_gate) * (x W_up) W_down, weights `gating_einsum` and `linear`."""
   mlp_dim: int
-  dtype: str = "float32"
-  param_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x):
@@ -126,7 +120,7 @@ class FeedForward(nn.Module):
     return dense(h, linear)
 
 
-class Block(nn.Module):
+class Block(layers.Layer):
   """One decoder layer; Gemma 2 adds post-attention and post-ffw norms."""
   num_heads: int
   num_kv_heads: int
@@ -137,8 +131,6 @@ class Block(nn.Module):
   attn_logits_softcap: float | None = None
   rope_max_wavelength: int = 10_000
   norm_eps: float = 1e-6
-  dtype: str = "float32"
-  param_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x, xs, positions, mask, mask_local, cache_index):
@@ -148,13 +140,13 @@ class Block(nn.Module):
     y = norm("pre_attention_norm")(x)
     y, new_cache = Attention(
         self.num_heads, self.num_kv_heads, self.head_dim, self.query_pre_attn_scalar,
-        self.attn_logits_softcap, self.rope_max_wavelength, self.dtype, self.param_dtype,
-        name="attn")(y, positions, mask, xs["cache"], cache_index)
+        self.attn_logits_softcap, self.rope_max_wavelength, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="attn")(y, positions, mask, xs["cache"], cache_index)
     if self.post_norms:
       y = norm("post_attention_norm")(y)
     x = x + y
     y = norm("pre_ffw_norm")(x)
-    y = FeedForward(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y)
+    y = FeedForward(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
     if self.post_norms:
       y = norm("post_ffw_norm")(y)
     return x + y, new_cache
@@ -171,7 +163,8 @@ class Gemma(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embedder = Embedder(cfg.vocab_size, cfg.width, self.dtype, self.param_dtype,
+    self.embedder = Embedder(cfg.vocab_size, cfg.width, dtype=self.dtype,
+                             param_dtype=self.param_dtype,
                              name="embedder")
     kw = dict(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
               head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim,
@@ -222,12 +215,10 @@ class Gemma(nn.Module):
     return self.final_norm(x), new_cache
 
 
-class Embedder(nn.Module):
+class Embedder(layers.Layer):
   """Token embedding table `input_embedding` float[V, D], shared with the output layer."""
   vocab_size: int
   width: int
-  dtype: str = "float32"
-  param_dtype: str = "float32"
 
   def setup(self):
     # Rows of norm ~1 after the sqrt(width) scaling; the tied output layer then starts

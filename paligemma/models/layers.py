@@ -1,6 +1,7 @@
 """Shared by both towers: attention, soft-capping, layer stacking (scan), remat, and
 the weight casts of mixed-precision matmuls."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -11,6 +12,14 @@ _MASKED = -2.3819763e38  # Large negative logit for masked keys (finite: no NaN 
 
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable", "everything_saveable")
+
+
+class Layer(nn.Module):
+  """A module computing in `dtype` and storing its parameters in `param_dtype`
+  (keyword-only, so subclasses list their own fields first)."""
+  _: dataclasses.KW_ONLY
+  dtype: str = "float32"
+  param_dtype: str = "float32"
 
 
 def maybe_remat(block_cls, policy):

@@ -10,11 +10,9 @@ from paligemma.models import layers
 from paligemma.models import variants
 
 
-class MlpBlock(nn.Module):
+class MlpBlock(layers.Layer):
   """Dense -> gelu (tanh) -> Dense."""
   mlp_dim: int
-  dtype: str = "float32"
-  param_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x):
@@ -24,11 +22,9 @@ class MlpBlock(nn.Module):
     return dense(x.shape[-1], "Dense_1")(h)
 
 
-class Attention(nn.Module):
+class Attention(layers.Layer):
   """Bidirectional multi-head attention with biases (flax MultiHeadDotProductAttention names)."""
   num_heads: int
-  dtype: str = "float32"
-  param_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x):
@@ -47,13 +43,11 @@ class Attention(nn.Module):
                            param_dtype=self.param_dtype, name="out")(out)
 
 
-class Encoder1DBlock(nn.Module):
+class Encoder1DBlock(layers.Layer):
   """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
   mlp_dim: int
   num_heads: int
   ln_eps: float = 1e-6
-  dtype: str = "float32"
-  param_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x, _=None):
@@ -66,7 +60,7 @@ class Encoder1DBlock(nn.Module):
     return x, None
 
 
-class Encoder(nn.Module):
+class Encoder(layers.Layer):
   """A stack of blocks (stacked on axis 0 as `encoderblock`, or `encoderblock_{i}`)."""
   depth: int
   mlp_dim: int
@@ -74,8 +68,6 @@ class Encoder(nn.Module):
   ln_eps: float = 1e-6
   scan: bool = True
   remat_policy: str = "none"
-  dtype: str = "float32"
-  param_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x):
@@ -92,14 +84,12 @@ class Encoder(nn.Module):
                         param_dtype=self.param_dtype)(x)
 
 
-class ViT(nn.Module):
+class ViT(layers.Layer):
   """SigLIP image encoder: patches -> tokens, no pooling, then the linear projector `head`."""
   config: variants.ViTConfig
   num_classes: int | None = None  # Output width of `head` (the LLM width); None: no head.
   scan: bool = True
   remat_policy: str = "none"
-  dtype: str = "float32"
-  param_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, image):
@@ -118,7 +108,8 @@ class ViT(nn.Module):
                      (1, x.shape[1], cfg.width), self.param_dtype)
     x = x + pos.astype(x.dtype)
     x = Encoder(cfg.depth, cfg.mlp_dim, cfg.num_heads, cfg.ln_eps, self.scan,
-                self.remat_policy, self.dtype, self.param_dtype, name="Transformer")(x)
+                self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
+                name="Transformer")(x)
     aux = {"pre_logits": x}
     if self.num_classes:
       x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,

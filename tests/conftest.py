@@ -1,0 +1,64 @@
+"""What the tests share: tiny model configs, random params, the tiny tokenizer, and the
+environment of the subprocesses they start.
+
+Markers (pyproject.toml): `slow` (a minute or more: end-to-end runs, subprocess
+trainings) and `torch` (needs torch / transformers, the numerical reference). CI runs
+everything; `pytest -m "not slow"` gives a quick local loop.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from paligemma import tokenizer as tokenizer_lib
+from paligemma.checkpoint import shapes as shapes_lib
+from paligemma.checkpoint import tree
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_VOCAB = 1920  # The tiny tokenizer's: outputs can be detokenized.
+
+
+def tiny_model_config(gemma=1, *, patch=16, image_size=32, vocab_size=300, **llm):
+  """model_config dict of a tiny PaliGemma: a mu ViT (patch `patch`) and gemma_tiny
+  (gemma=1) or gemma2_tiny (gemma=2); `llm` overrides Gemma fields."""
+  return {"img": {"variant": f"mu/{patch}", "image_size": image_size},
+          "llm": {"variant": "gemma_tiny" if gemma == 1 else "gemma2_tiny",
+                  "vocab_size": vocab_size, **llm}}
+
+
+def random_params(config, seed=0, dtype=np.float32):
+  """Nested float params of `config`'s shapes, standard normal (seeded)."""
+  rng = np.random.default_rng(seed)
+  shapes = shapes_lib.param_shapes(config)
+  return tree.unflatten({n: rng.standard_normal(s).astype(dtype) for n, s in shapes.items()})
+
+
+def subprocess_env(devices=1, **extra):
+  """os.environ for a child JAX process on the CPU (N virtual devices), TF quiet."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu", **extra)
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+@pytest.fixture(scope="session")
+def tok():
+  """The tiny tokenizer (paligemma/assets/tiny_tokenizer.model)."""
+  return tokenizer_lib.load_tokenizer()
+
+
+# Marked by module: end-to-end runs and subprocess trainings; the transformers reference.
+SLOW = ("test_train", "test_readme", "test_notebook", "test_multidevice", "test_multiprocess",
+        "test_shapes_demo", "test_benchmarks")
+TORCH = ("test_model_parity", "test_checkpoint_hf", "test_checkpoint_logits",
+         "test_checkpoint_convert", "test_benchmarks")
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    module = item.module.__name__.rpartition(".")[2]
+    if module in SLOW:
+      item.add_marker(pytest.mark.slow)
+    if module in TORCH:
+      item.add_marker(pytest.mark.torch)
