@@ -4,6 +4,7 @@ sides: ours (Flax) and theirs (transformers), the ratios, and a JSON line append
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -67,6 +68,16 @@ def test_decode_cpu_small(tmp_path):
     assert rec["ratios"][f"b{b}_decode_tokens_per_s"] > 0
     assert 0 < rec["ours"][f"b{b}_fraction_of_peak"] < 2
   assert "batch 16: decode ours/theirs=" in stdout
+
+
+def test_decode_step_profile_prints_each_part():
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "decode_step_profile.py"),
+                         "--batch", "4", "--steps", "1"], capture_output=True, text=True,
+                        timeout=600, cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ms = {m[0]: float(m[1]) for m in re.findall(r"^  (\w+)\s+([\d.]+) ms", proc.stdout, re.M)}
+  assert set(ms) == {"step", "layers", "output_layer", "pick", "embedding_read"}, proc.stdout
+  assert all(v > 0 for v in ms.values()) and "GiB/s" in proc.stdout
 
 
 def test_matmul_flops_counts_scan_bodies_per_step():

@@ -178,6 +178,8 @@ RULES = [
          kind="mapped",
          mapped=("tests/test_benchmarks.py", '_run("decode.py"', '"--preset"', '"cpu-small"',
                  '"--out"')),
+    Rule("bench decode step", r"python benchmarks/decode_step_profile\.py --batch 16",
+         extra=("--steps", "1"), check=_stdout_has(r"output_layer")),
     Rule("bench input", r"python benchmarks/input_pipeline\.py",
          extra=("--steps", "2", "--warmup", "1", "--num_files", "4", "--batch_size", "2",
                 "--image_size", "32", "--text_len", "16"),
