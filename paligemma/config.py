@@ -8,7 +8,7 @@ ml_collections.ConfigDict (`arg` is what follows the first ":" after `.py`). Eac
 `--config.KEY=VALUE` then sets one key:
 - an existing key takes VALUE in its own type: int, float, str, bool (true/false,
   yes/no, 1/0) or, for keys typed `object` (mesh, schedule, ...), a Python literal
-  (`[("data", 4)]`), a plain word staying a string;
+  (`[("data", 4)]`), a plain word staying a string; `None` unsets it;
 - a new key may be added only inside the free-form dicts (`FREE_FORM`: tower options,
   data-source options, optimizer kwargs, evaluators), its value read as a literal.
 Every mistake (unknown key, wrong type, bad bool, missing file) raises `ConfigError`

@@ -126,12 +126,13 @@ def test_resume_after_sigkill_reproduces_losses(reference, cache, tmp_path):
   assert not (workdir / "lock").exists()
 
 
-def test_ctrl_c_saves_at_the_current_step_and_resumes(reference, cache, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; preemption.
+def test_signal_saves_at_the_current_step_and_resumes(reference, cache, tmp_path, sig):
   workdir = tmp_path / "interrupted"
   # No scheduled checkpoint: the one there is the interruption's.
-  proc = _interrupt(cache, workdir, signal.SIGINT, at_step=5, extra=["--config.ckpt_every=0"])
-  assert proc.returncode == 128 + signal.SIGINT, proc.stderr_text[-3000:]
-  stopped = int(re.search(r"Stopped by SIGINT at step (\d+)", proc.stderr_text).group(1))
+  proc = _interrupt(cache, workdir, sig, at_step=5, extra=["--config.ckpt_every=0"])
+  assert proc.returncode == 128 + sig, proc.stderr_text[-3000:]
+  stopped = int(re.search(rf"Stopped by {sig.name} at step (\d+)", proc.stderr_text).group(1))
   assert "Resume with the same command" in proc.stderr_text
   assert 5 <= stopped < STEPS, stopped
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())

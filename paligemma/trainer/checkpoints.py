@@ -2,7 +2,9 @@
 
 state: trainable params, optimizer state, step, RNG key data (arrays, sharded as in the
        run; restored onto the current mesh, whatever it is).
-meta:  JSON: step, examples seen, global batch size, data seed (the data position).
+meta:  JSON: step, examples seen, global batch size, data seed, and per process the data
+       position (examples taken from its stream, skipped ones included) and the skipped
+       and truncated counts, so a resume continues the data stream exactly.
 Frozen parameters are not saved: they are re-created from the config (random init with
 the seed, or `model_init`) exactly as in the first run.
 
