@@ -17,13 +17,10 @@ but the checkpoints, which every process writes its shards of):
   params.npz          the trained params (dtype `export_dtype`), model_config.json
 """
 
-import contextlib
 import math
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
 
 from absl import app
@@ -45,6 +42,8 @@ from paligemma.data import pipeline
 from paligemma.data import sources
 from paligemma.models import build as build_lib
 from paligemma.trainer import checkpoints as ckpt_lib
+from paligemma.trainer import data_progress
+from paligemma.trainer import interrupt
 from paligemma.trainer import lock as lock_lib
 from paligemma.trainer import metrics as metrics_lib
 from paligemma.trainer import step as step_lib
@@ -54,15 +53,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the run stopped without saving the bad state."""
-
-
-class Interrupted(Exception):
-  """SIGINT / SIGTERM stopped the run after saving a checkpoint at `step`."""
-
-  def __init__(self, signum, step, directory):
-    self.signum, self.step, self.directory = signum, step, directory
-    super().__init__(f"Stopped by {signal.Signals(signum).name} at step {step}; checkpoint "
-                     f"saved in {directory}/{step}.")
 
 
 validate = config_lib.validate
@@ -213,104 +203,10 @@ def check_tokenizer(config, tok):
       "extend the vocabulary set config.model.llm.vocab_size to the tokenizer's size.")
 
 
-def _gather(values):
-  """int64[P, n]: `values` (n ints) of every process, in process order."""
-  values = np.asarray(values, np.int64)[None]
-  if jax.process_count() == 1:
-    return values
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(values, tiled=True))
-
-
-class DataProgress:
-  """Where this process's data stream is, and what it skipped and truncated so far.
-
-  `position` counts every example taken from the stream, trained on or skipped
-  (unreadable image); it is saved in checkpoints so a resume continues exactly there.
-  Counts are of examples consumed by training steps (an example skipped again in a
-  later epoch counts again), so they too resume exactly.
-  """
-  FIELDS = ("data_position", "data_skipped", "data_truncated")
-  KEYS = ("data/skipped", "data/truncated")
-
-  def __init__(self, meta, local_batch):
-    self.position = int(meta.get("step", 0)) * local_batch
-    self.skipped = self.truncated = 0
-    saved = [meta.get(k) for k in self.FIELDS]
-    if all(isinstance(v, list) for v in saved):
-      if len(saved[0]) == jax.process_count():
-        p = jax.process_index()
-        self.position, self.skipped, self.truncated = (int(v[p]) for v in saved)
-      else:  # Another process count splits the stream otherwise: no exact position.
-        logging.warning("The checkpoint was written by %d processes, this run has %d: "
-                        "data resumes at step x batch, not exactly.", len(saved[0]),
-                        jax.process_count())
-
-  def consume(self, batch):
-    """Pops the pipeline's `position` / `truncated` from `batch` and counts them."""
-    position, truncated = batch.pop("position"), batch.pop("truncated")
-    end = int(position[-1]) + 1
-    self.skipped += end - self.position - len(position)
-    self.position = end
-    self.truncated += int(np.sum(truncated))
-
-  def meta(self):
-    """The checkpoint meta fields: one entry per process."""
-    table = _gather([self.position, self.skipped, self.truncated])
-    return {k: table[:, i].tolist() for i, k in enumerate(self.FIELDS)}
-
-  def totals(self, local=False):
-    """{"data/skipped": n, "data/truncated": n} over all processes (a collective), or
-    this process's alone."""
-    table = np.array([[self.skipped, self.truncated]]) if local else _gather(
-        [self.skipped, self.truncated])
-    return dict(zip(self.KEYS, (int(n) for n in table.sum(0))))
-
-
-@contextlib.contextmanager
-def stop_requests():
-  """A list that SIGINT / SIGTERM append to instead of killing the run.
-
-  The first signal restores the previous handlers, so a second Ctrl-C stops at once
-  (without the checkpoint). Only the main thread can take signals; elsewhere the list
-  stays empty.
-  """
-  got = []
-  if threading.current_thread() is not threading.main_thread():
-    yield got
-    return
-  signums = (signal.SIGINT, signal.SIGTERM)
-  previous = {s: signal.getsignal(s) for s in signums}
-
-  def handler(signum, frame):
-    del frame
-    got.append(signum)
-    for s, h in previous.items():
-      signal.signal(s, h)
-    tqdm.tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
-                    "(send it again to stop without saving).", file=sys.stderr)
-
-  for s in signums:
-    signal.signal(s, handler)
-  try:
-    yield got
-  finally:
-    for s, h in previous.items():
-      signal.signal(s, h)
-
-
-def _stop_signal(requests):
-  """The signal that asks to stop, agreed by every process (0: none)."""
-  mine = requests[0] if requests else 0
-  if jax.process_count() == 1:
-    return mine
-  return int(_gather([mine]).max())
-
-
 def train(config, workdir):
   """Runs (or resumes) the training described by `config` in `workdir`; returns final metrics.
 
-  Raises Interrupted (after saving a checkpoint) on SIGINT / SIGTERM, and
+  Raises interrupt.Interrupted (after saving a checkpoint) on SIGINT / SIGTERM, and
   lock.WorkdirLockedError when another training holds `workdir`.
   """
   validate(config)
@@ -375,7 +271,7 @@ def _train(config, workdir, main_process):
     start = int(state["step"])
     logging.warning("Resumed from %s/%d", ckpts.directory, latest)
 
-  progress = DataProgress(meta, config.input.batch_size // jax.process_count())
+  progress = data_progress.DataProgress(meta, config.input.batch_size // jax.process_count())
   data = pipeline.make_train_input(
       source, tok, image_size=config.input.image_size, text_len=config.input.text_len,
       batch_size=config.input.batch_size, seed=config.input.seed,
@@ -408,7 +304,7 @@ def _train(config, workdir, main_process):
   last = dict(time=time.perf_counter(), step=start)
   final = {}
   try:
-    with stop_requests() as requests:
+    with interrupt.stop_requests() as requests:
       for step in range(start + 1, steps + 1):
         batch = next(batches)
         progress.consume(batch)
@@ -438,11 +334,11 @@ def _train(config, workdir, main_process):
           bar.set_postfix(loss=f"{loss:.4f}", lr=f"{final['train/lr']:.2e}",
                           ex_s=f"{rate:.1f}", refresh=False,
                           **{k[5:]: final[k] for k in progress.KEYS if final[k]})
-        signum = _stop_signal(requests)
+        signum = interrupt.agreed_signal(requests)
         if ckpts.due(step) or step == steps or signum:
           save(step)
         if signum and step < steps:
-          raise Interrupted(signum, step, ckpts.directory)
+          raise interrupt.Interrupted(signum, step, ckpts.directory)
   finally:
     bar.close()
     # Stops the input threads now rather than during interpreter shutdown.
@@ -490,7 +386,7 @@ def main(argv, config):
     raise app.UsageError("--workdir is required (checkpoints, metrics and params go there).")
   try:
     train(config, _WORKDIR.value)
-  except Interrupted as e:
+  except interrupt.Interrupted as e:
     if jax.process_index() == 0:
       print(f"{e} Resume with the same command:\n  python -m paligemma.train "
             + " ".join(sys.argv[1:]), file=sys.stderr)

@@ -11,7 +11,6 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 from PIL import Image  # pylint: disable=g-import-not-at-top
 
-from paligemma import tokenizer  # pylint: disable=g-import-not-at-top
 from paligemma.data import pipeline  # pylint: disable=g-import-not-at-top
 
 BOS, EOS, NL = 2, 1, 4

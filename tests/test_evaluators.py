@@ -1,6 +1,5 @@
 """Evaluator metrics against hand-computed values, and the evaluators end to end."""
 
-import json
 import math
 
 import jax

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from paligemma import prompt
-from paligemma import tokenizer
 
 BOS, EOS, NL = 2, 1, 4
 CAPTION_EN = [486, 328]
