@@ -51,7 +51,7 @@ def tok():
 # Marked by module: end-to-end runs and subprocess trainings; the transformers reference.
 SLOW = ("test_train", "test_readme", "test_notebook", "test_multidevice", "test_multiprocess",
         "test_shapes_demo", "test_benchmarks")
-TORCH = ("test_model_parity", "test_checkpoint_hf", "test_checkpoint_logits",
+TORCH = ("test_model_parity", "test_checkpoint_hf", "test_checkpoint_logits", "test_segmentation",
          "test_checkpoint_convert", "test_benchmarks")
 
 
