@@ -211,7 +211,7 @@ def validate(config):
       raise ConfigError(f"Unknown config key {key!r}: {_BIG_VISION_KEYS[key]}.")
     if key not in base:
       raise unknown_key(base, key)
-  for group in ("model", "input", "optim"):
+  for group in ("model", "input", "optim", "lora"):
     for key in config[group]:
       if key not in base[group]:
         raise unknown_key(base, f"{group}.{key}")
@@ -221,10 +221,28 @@ def validate(config):
         raise ConfigError(f"config.evals.{name} needs a `{key}`.")
   for kind in ("img", "llm"):
     _check_tower(kind, dict(config.model[kind]))
+  _check_lora(config)
   res = config.model.img.get("image_size")
   if res is not None and res != config.input.image_size:
     raise ConfigError(f"config.input.image_size={config.input.image_size} but "
                       f"config.model.img.image_size={res}: set both to the same resolution.")
+
+
+def _check_lora(config):
+  """config.lora resolves, and config.schedule does not train the base under it."""
+  from paligemma import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  try:
+    lora = lora_lib.LoraConfig.from_dict(config.lora.to_dict())
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if lora and config.schedule == "full":
+    raise ConfigError(
+        f"config.lora.rank={lora.rank} with config.schedule='full' would train the whole "
+        "model besides the adapters: set --config.schedule=lora (only the adapters train, "
+        "as in PEFT) or a list of (regex, schedule) rules.")
+  if not lora and config.schedule == "lora":
+    raise ConfigError("config.schedule='lora' trains only LoRA adapters, but "
+                      "config.lora.rank is 0: set it (e.g. --config.lora.rank=8).")
 
 
 def _check_tower(kind, given):

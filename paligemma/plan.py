@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from paligemma import config as config_lib
+from paligemma import lora as lora_lib
 from paligemma import optim
+from paligemma import quant
 from paligemma import sharding
 from paligemma import train
 from paligemma.models import build as build_lib
@@ -33,7 +35,7 @@ GiB = 1 << 30
 # Memory one program can use: nominal HBM less what the runtime keeps. JAX on GPU
 # preallocates 75% unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised (the README says how).
 DEVICES = {"t4": 15.0 * GiB, "l4": 22.0 * GiB, "a100-40": 39.0 * GiB, "a100-80": 79.0 * GiB,
-           "h100-80": 79.0 * GiB, "v5e": 15.75 * GiB}
+           "h100-80": 79.0 * GiB, "v5e": 15.75 * GiB, "rtx4090": 23.0 * GiB}
 NO_BFLOAT16 = ("t4",)  # Devices without bfloat16 arithmetic (XLA widens it to float32).
 _DEVICE = flags.DEFINE_enum("device", "t4", sorted(DEVICES), "Accelerator to plan for.")
 _DEVICES = flags.DEFINE_integer("devices", None, "Number of devices (default: the config "
@@ -85,7 +87,7 @@ def make_plan(config, device="t4", devices=None):
   if device not in DEVICES:
     raise ValueError(f"Unknown device {device!r}; valid: {sorted(DEVICES)}")
   mesh, devices = _abstract_mesh(config, devices)
-  model = build_lib.build_model(config.model)
+  model = build_lib.build_model(config.model, lora=config.lora.to_dict())
   compile_dtype = _compile_dtype(device)
   compile_model = model.clone(dtype=compile_dtype(model.dtype),
                               param_dtype=compile_dtype(model.param_dtype))
@@ -95,6 +97,12 @@ def make_plan(config, device="t4", devices=None):
   trainable, frozen = optim.partition(params, groups)
   if config.frozen_dtype:
     frozen = {k: jax.ShapeDtypeStruct(v.shape, config.frozen_dtype) for k, v in frozen.items()}
+  quantized = {}
+  if model.lora and model.lora.quantize:  # QLoRA: replicated 4/8-bit codes and scales.
+    quantized = jax.eval_shape(lambda f: lora_lib.quantize_frozen(dict(f), model.lora.quantize),
+                               frozen)
+    quantized = {k: v for k, v in quantized.items() if isinstance(v, quant.QArray)}
+    frozen = {k: v for k, v in frozen.items() if k not in quantized}
   tx, lr_fns = optim.make_optimizer(config.optim, groups, trainable, 1000)
   opt_state = jax.eval_shape(tx.init, trainable)
   rules = config.sharding_strategy
@@ -115,7 +123,7 @@ def make_plan(config, device="t4", devices=None):
   recast = lambda tree: jax.tree.map(
       lambda v: jax.ShapeDtypeStruct(v.shape, compile_dtype(v.dtype)), tree)
   compiled = jax.jit(step, donate_argnums=(0, 2)).lower(
-      recast(trainable), recast(frozen), recast(opt_state), batch,
+      recast(trainable), {**recast(frozen), **quantized}, recast(opt_state), batch,
       jax.ShapeDtypeStruct((), jnp.int32)).compile()
   memory = compiled.memory_analysis()
   gradient_bytes = _shard_bytes(trainable, mesh, rules)
@@ -126,7 +134,9 @@ def make_plan(config, device="t4", devices=None):
   return Plan(
       params_total=sum(math.prod(v.shape) for v in jax.tree.leaves(params)),
       params_trainable=sum(math.prod(v.shape) for v in trainable.values()),
-      param_bytes=_shard_bytes({**trainable, **frozen}, mesh, rules),
+      param_bytes=_shard_bytes({**trainable, **frozen}, mesh, rules) + _shard_bytes(
+          {f"{k}/{i}": a for k, q in quantized.items() for i, a in enumerate(jax.tree.leaves(q))},
+          mesh, "replicate"),
       optimizer_bytes=_shard_bytes(opt_leaves, mesh, rules),
       gradient_bytes=gradient_bytes, activation_bytes=activations,
       capacity=int(DEVICES[device]), device=device, devices=devices, batch_per_device=b)

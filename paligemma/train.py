@@ -15,6 +15,7 @@ but the checkpoints, which every process writes its shards of):
   checkpoints/<step>/ orbax checkpoints (paligemma/trainer/checkpoints.py)
   metrics.jsonl       one JSON object per logged step; tensorboard/ the same as events
   params.npz          the trained params (dtype `export_dtype`), model_config.json
+  adapter/            instead, under LoRA: the adapters as a PEFT adapter directory
 """
 
 import math
@@ -35,6 +36,7 @@ import tqdm
 from paligemma import checkpoint
 from paligemma import config as config_lib
 from paligemma import json_files
+from paligemma import lora as lora_lib
 from paligemma import optim
 from paligemma import sharding
 from paligemma import tokenizer as tokenizer_lib
@@ -58,13 +60,19 @@ class NonFiniteLossError(FloatingPointError):
 validate = config_lib.validate
 
 
+def frozen_names(config):
+  """name -> whether config.schedule freezes the parameter."""
+  groups = optim.groups_from_config(config.schedule, config.optim.schedule)
+  return lambda name: groups[optim.assign_groups([name], groups)[name]][1] is None
+
+
 def param_dtypes(config):
   """name -> dtype of each parameter: `frozen_dtype` for those config.schedule freezes
   (when set), else model.param_dtype."""
-  groups = optim.groups_from_config(config.schedule, config.optim.schedule)
+  is_frozen = frozen_names(config)
 
   def dtype_for(name):
-    frozen = groups[optim.assign_groups([name], groups)[name]][1] is None
+    frozen = is_frozen(name)
     return config.frozen_dtype if frozen and config.frozen_dtype else config.model.param_dtype
 
   return dtype_for
@@ -77,16 +85,26 @@ def init_params(config, model, mesh):
   rules = config.sharding_strategy
   dtype_for = param_dtypes(config)
 
+  quantize = config.lora.rank and config.lora.quantize
+  is_frozen = frozen_names(config)
+
   def place(path, shape):
     name = "/".join(path)
+    if quantize and is_frozen(name) and lora_lib.quantize_plan(name, shape, quantize) is not None:
+      # QLoRA: into host memory; quantize_frozen puts the 4/8-bit copy on the devices.
+      return jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     return jax.sharding.NamedSharding(mesh, sharding.spec_for(mesh, rules, name, shape))
 
+  text_len = config.input.text_len
   if config.model_init:
     params, model_config = checkpoint.load(
         config.model_init, config={"img": dict(config.model.img), "llm": dict(config.model.llm)},
         dtype=dtype_for, sharding=place)
+    if model.lora:
+      model = build_lib.build_model(config.model, lora=model.lora, **model_config)
+      params = optim.merge(init_adapters(config, model, mesh), optim.flatten(params))
+      model_config["lora"] = model.lora.to_dict()
     return params, model_config
-  text_len = config.input.text_len
 
   def init(rng):
     params = optim.flatten(build_lib.initial_params(model, rng, text_len))
@@ -97,7 +115,45 @@ def init_params(config, model, mesh):
   out = optim.unflatten(sharding.param_shardings(mesh, rules, shapes))
   # Created directly in their shards: a big model never sits whole on one device.
   params = jax.jit(init, out_shardings=out)(rng)
-  return params, {"img": model.img.to_dict(), "llm": model.llm.to_dict()}
+  model_config = {"img": model.img.to_dict(), "llm": model.llm.to_dict()}
+  if model.lora:
+    model_config["lora"] = model.lora.to_dict()
+  return params, model_config
+
+
+def init_adapters(config, model, mesh):
+  """Flat {name: adapter} of `model` (fresh: A random, B zero) from config.seed, placed
+  by the sharding rules. Only the adapters are computed: XLA drops the rest of the
+  random init, so this costs no memory for the base."""
+  rules = config.sharding_strategy
+  shapes = optim.flatten(build_lib.abstract_params(model, config.input.text_len))
+  shapes = lora_lib.adapters(shapes)
+  if not shapes:
+    raise config_lib.ConfigError(
+        f"config.lora.targets={config.lora.targets!r} matches no weight of the model; the "
+        f"weights that take adapters are named like {lora_lib.TARGETS['all']!r}.")
+
+  def init(rng):
+    params = optim.flatten(build_lib.initial_params(model, rng, config.input.text_len))
+    return {k: params[k].astype(config.model.param_dtype) for k in shapes}
+
+  out = sharding.param_shardings(mesh, rules, shapes)
+  return jax.jit(init, out_shardings=out)(jax.random.PRNGKey(config.seed))
+
+
+def check_lora_partition(trainable, frozen):
+  """Under LoRA the adapters train and the weights they adapt stay frozen."""
+  frozen_adapters = sorted(k for k in frozen if lora_lib.is_lora_leaf(k))
+  if frozen_adapters:
+    raise config_lib.ConfigError(
+        f"config.schedule freezes the LoRA adapter {frozen_adapters[0]}: use "
+        "--config.schedule=lora, or give `.*_lora_[ab]` a schedule in your rules.")
+  adapted = sorted(lora_lib.base_name(k) for k in trainable if k.endswith("_lora_a")
+                   and lora_lib.base_name(k) in trainable)
+  if adapted:
+    raise config_lib.ConfigError(
+        f"config.schedule trains {adapted[0]}, which carries a LoRA adapter: freeze the "
+        "adapted weights (--config.schedule=lora trains the adapters only).")
 
 
 def total_steps(config, num_examples):
@@ -160,19 +216,42 @@ class _Gathered:
     return np.asarray(multihost_utils.process_allgather(self.x, tiled=True), dtype)
 
 
-def export(workdir, params, model_config, dtype):
-  """params.npz + model_config.json, written by process 0.
+def export_adapter(workdir, adapters, model_config, base):
+  """{workdir}/adapter: the LoRA adapters as a PEFT adapter directory (loads in
+  transformers + peft, and in `checkpoint.load(base, adapter=...)`)."""
+  adapters = {k: np.asarray(v, np.float32) for k, v in adapters.items()}
+  directory = os.path.join(workdir, ADAPTER_DIR)
+  if "://" in directory:  # A bucket: written locally, then copied.
+    with tempfile.TemporaryDirectory() as tmp:
+      checkpoint.save_peft(adapters, model_config, tmp, base=base)
+      for name in tf.io.gfile.listdir(tmp):
+        tf.io.gfile.copy(os.path.join(tmp, name), f"{directory}/{name}", overwrite=True)
+  else:
+    checkpoint.save_peft(adapters, model_config, directory, base=base)
+
+
+ADAPTER_DIR = "adapter"
+
+
+def export(workdir, params, model_config, dtype, base=None):
+  """params.npz + model_config.json, written by process 0; under LoRA only the adapters,
+  as a PEFT adapter directory `adapter/` (export_adapter) for the base `base`.
 
   Leaf by leaf: with several processes each leaf is gathered from all of them as it is
   written (the others take part in the same gathers, in the same order), so no host
   holds more than one whole leaf beyond its shards.
   """
   flat = optim.flatten(params)
+  if "lora" in model_config:
+    flat = lora_lib.adapters(flat)
   if jax.process_count() > 1:
     flat = {k: _Gathered(v) for k, v in flat.items()}
   if jax.process_index() != 0:
     for v in flat.values():
       np.asarray(v)
+    return
+  if "lora" in model_config:
+    export_adapter(workdir, flat, model_config, base)
     return
   path = os.path.join(workdir, "params.npz")
   if "://" in path:  # A bucket: written locally, then copied.
@@ -230,7 +309,7 @@ def _train(config, workdir, main_process):
 
   mesh = sharding.make_mesh(config.mesh)
   batch_sh = sharding.batch_sharding(mesh, config.batch_axes, config.input.batch_size)
-  model = build_lib.build_model(config.model)
+  model = build_lib.build_model(config.model, lora=config.lora.to_dict())
   params, model_config = init_params(config, model, mesh)
   # The checkpoint is the truth for the towers (the config may name only the resolution).
   model = build_lib.build_model(config.model, **model_config)
@@ -243,6 +322,10 @@ def _train(config, workdir, main_process):
   groups = optim.groups_from_config(config.schedule, config.optim.schedule)
   trainable, frozen = optim.partition(params, groups)
   del params
+  if model.lora:
+    check_lora_partition(trainable, frozen)
+    if model.lora.quantize:  # QLoRA: the frozen matmul weights stored as quant.QArray.
+      frozen = lora_lib.quantize_frozen(frozen, model.lora.quantize, sharding.replicated(mesh))
 
   source = sources.make_source(config.input.data.to_dict())
   steps = total_steps(config, len(source))
@@ -281,7 +364,7 @@ def _train(config, workdir, main_process):
   lr_fn = lr_fns[sorted(lr_fns)[0]]
   train_step = jax.jit(
       step_lib.make_train_step(model, tx, lr_fn, label_smoothing=config.label_smoothing,
-                               accum_steps=config.optim.accum_steps),
+                               accum_steps=config.optim.accum_steps, dropout_seed=config.seed),
       donate_argnums=(0, 2),
       out_shardings=(param_sh, opt_sh, rep))
   evaluators = make_evaluators(config, model, tok, batch_sh)
@@ -346,7 +429,8 @@ def _train(config, workdir, main_process):
     writer.close()
     if main_process:  # (This process's counts: no collective on the way out of an error.)
       _data_summary(data, progress.totals(local=True), config.input.text_len)
-  export(workdir, optim.merge(trainable, frozen), model_config, config.export_dtype)
+  export(workdir, optim.merge(trainable, frozen), model_config, config.export_dtype,
+         base=config.model_init)
   ckpts.close()
   return final
 

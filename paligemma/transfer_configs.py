@@ -52,11 +52,19 @@ def base_config():
       wd=0.0, wd_mask=config_dict.placeholder(str),
       grad_clip_norm=1.0, accum_steps=1,
       schedule=dict(decay="cosine", warmup_percent=0.05)))
-  # Which params train: "full" | "freeze_vision" | "attention_only" | [(regex, sched|None)]
+  # Which params train: "full" | "freeze_vision" | "attention_only" | "lora" (only the
+  # adapters of config.lora) | [(regex, sched|None)]
   # (paligemma/rules.py: the first regex matching the whole name wins).
   # (Typed `object` so a config may set either a preset name or a list.)
   c.schedule = config_dict.FieldReference("full", field_type=object)
   c.frozen_dtype = config_dict.placeholder(str)  # e.g. "bfloat16": frozen params stored so.
+  # LoRA (paligemma/lora.py), off while rank is 0: adapters on the `targets` ("llm",
+  # "peft": also SigLIP q/k/v as PEFT's names match, "all", or a regex), update
+  # (alpha / rank) * B A x (alpha None: rank); with schedule "lora" only they train.
+  # quantize: None | "int8" | "nf4" (QLoRA) stores the frozen matmul weights so.
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=config_dict.placeholder(float), dropout=0.0, targets="llm",
+      quantize=config_dict.placeholder(str)))
   c.label_smoothing = 0.0
 
   # Devices (paligemma/sharding.py, docs/multihost.md). mesh: [(axis, size)], one size

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from paligemma.models.paligemma import Model
 
-MODEL_KEYS = ("img", "llm", "dtype", "param_dtype", "scan", "remat_policy")
+MODEL_KEYS = ("img", "llm", "dtype", "param_dtype", "scan", "remat_policy", "lora")
 
 
 def build_model(model_config, **overrides):

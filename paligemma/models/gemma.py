@@ -52,8 +52,9 @@ class Einsum(layers.Layer):
 
   @nn.compact
   def __call__(self, eqn, x):
-    w = self.param("w", fan_in_normal(self.fan_in_axes), self.shape, self.param_dtype)
-    return layers.cast_einsum(eqn, x, w, self.dtype)
+    w = self.weight("w", fan_in_normal(self.fan_in_axes), self.shape)
+    y = layers.cast_einsum(eqn, x, w, self.dtype)
+    return layers.add_adapter(y, self.adapter("w", self.shape, eqn, x))
 
 
 def apply_rope(x, positions, max_wavelength=10_000):
@@ -83,7 +84,7 @@ class Attention(layers.Layer):
     (k, v float[B, S, K, H]), this step's keys are written at slot `cache_index` first.
     """
     n, kh, h, d = self.num_heads, self.num_kv_heads, self.head_dim, x.shape[-1]
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
     if n == kh:
       q, k, v = Einsum((3, n, d, h), name="qkv_einsum", **kw)("BTD,SNDH->SBTNH", x)
     else:
@@ -112,12 +113,18 @@ class FeedForward(layers.Layer):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    gating = self.param("gating_einsum", fan_in_normal((1,)), (2, d, self.mlp_dim),
-                        self.param_dtype)
-    linear = self.param("linear", fan_in_normal((0,)), (self.mlp_dim, d), self.param_dtype)
+    gating_shape, linear_shape = (2, d, self.mlp_dim), (self.mlp_dim, d)
+    gating = self.weight("gating_einsum", fan_in_normal((1,)), gating_shape)
+    linear = self.weight("linear", fan_in_normal((0,)), linear_shape)
     dense = lambda x, w: layers.cast_einsum("...D,DF->...F", x, w, self.dtype)
-    h = layers.gelu_tanh(dense(x, gating[0])) * dense(x, gating[1])
-    return dense(h, linear)
+    # (tree.map: a quantized weight (quant.QArray) is indexed on its codes and scales.)
+    gate, up = (dense(x, jax.tree.map(lambda a, i=i: a[i], gating)) for i in (0, 1))
+    delta = self.adapter("gating_einsum", gating_shape, "...D,SDF->S...F", x)
+    if delta is not None:
+      gate, up = layers.add_adapter(gate, delta[0]), layers.add_adapter(up, delta[1])
+    h = layers.gelu_tanh(gate) * up
+    return layers.add_adapter(dense(h, linear),
+                              self.adapter("linear", linear_shape, "...F,FD->...D", h))
 
 
 class Block(layers.Layer):
@@ -141,12 +148,13 @@ class Block(layers.Layer):
     y, new_cache = Attention(
         self.num_heads, self.num_kv_heads, self.head_dim, self.query_pre_attn_scalar,
         self.attn_logits_softcap, self.rope_max_wavelength, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="attn")(y, positions, mask, xs["cache"], cache_index)
+        param_dtype=self.param_dtype, lora=self.lora, name="attn")(y, positions, mask, xs["cache"], cache_index)
     if self.post_norms:
       y = norm("post_attention_norm")(y)
     x = x + y
     y = norm("pre_ffw_norm")(x)
-    y = FeedForward(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
+    y = FeedForward(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                    lora=self.lora, name="mlp")(y)
     if self.post_norms:
       y = norm("post_ffw_norm")(y)
     return x + y, new_cache
@@ -160,6 +168,7 @@ class Gemma(nn.Module):
   remat_policy: str = "none"
   dtype: str = "float32"
   param_dtype: str = "float32"
+  lora: layers.lora_lib.LoraConfig | None = None
 
   def setup(self):
     cfg = self.config
@@ -171,7 +180,7 @@ class Gemma(nn.Module):
               query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
               post_norms=cfg.post_norms, attn_logits_softcap=cfg.attn_logits_softcap,
               rope_max_wavelength=cfg.rope_max_wavelength, norm_eps=cfg.norm_eps,
-              dtype=self.dtype, param_dtype=self.param_dtype)
+              dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
     block = layers.maybe_remat(Block, self.remat_policy)
     if self.scan:
       self.layers = layers.scan_layers(

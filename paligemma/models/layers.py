@@ -2,11 +2,14 @@
 the weight casts of mixed-precision matmuls."""
 
 import dataclasses
-import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from paligemma import lora as lora_lib
+from paligemma import quant
 
 _MASKED = -2.3819763e38  # Large negative logit for masked keys (finite: no NaN if all masked).
 
@@ -15,11 +18,58 @@ REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable",
 
 
 class Layer(nn.Module):
-  """A module computing in `dtype` and storing its parameters in `param_dtype`
-  (keyword-only, so subclasses list their own fields first)."""
+  """A module computing in `dtype` and storing its parameters in `param_dtype`, with
+  LoRA adapters on the weights `lora` targets (keyword-only, so subclasses list their
+  own fields first)."""
   _: dataclasses.KW_ONLY
   dtype: str = "float32"
   param_dtype: str = "float32"
+  lora: lora_lib.LoraConfig | None = None
+
+  def weight(self, name, init, shape):
+    """self.param(name, init, shape, param_dtype), except that a weight stored quantized
+    (quant.QArray, QLoRA's frozen base) is returned as it is: flax would compare its
+    codes' shape with `shape`."""
+    if self.has_variable("params", name):
+      value = self.get_variable("params", name)
+      if isinstance(value, quant.QArray):
+        if value.shape != tuple(shape):
+          raise ValueError(f"Quantized weight {'/'.join(self.path + (name,))} has shape "
+                           f"{value.shape}, the model expects {tuple(shape)}")
+        return value
+    return self.param(name, init, shape, self.param_dtype)
+
+  def adapter(self, name, shape, eqn, x):
+    """(alpha / rank) * B A x for this module's weight `name` of per-layer `shape`, used
+    as einsum(eqn, x, weight); None when config.lora does not target it.
+
+    The adapter leaves `<name>_lora_a` / `_lora_b` are created here, in param_dtype.
+    With lora.dropout, x is dropped out when the caller passes a "dropout" rng (the
+    train step does; evaluation and decoding do not).
+    """
+    if self.lora is None:
+      return None
+    full = "/".join(self.path + (name,))
+    if not self.lora.targets_weight(full):
+      return None
+    lay = lora_lib.layout(full)
+    a_shape, b_shape = lay.shapes(shape, self.lora.rank)
+    size = dict(zip(lay.weight, shape))
+    fan_in = math.prod(size[c] for c in lay.inputs)
+    a = self.param(name + "_lora_a", lora_lib.init_a(fan_in), a_shape, self.param_dtype)
+    b = self.param(name + "_lora_b", nn.initializers.zeros, b_shape, self.param_dtype)
+    if self.lora.dropout and self.has_rng("dropout"):
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.lora.dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.lora.dropout), 0).astype(x.dtype)
+    dtype = jnp.dtype(self.dtype)
+    delta = jnp.einsum(lora_lib.delta_equation(eqn, lay), x.astype(dtype), a.astype(dtype),
+                       b.astype(dtype))
+    return delta * jnp.asarray(self.lora.scale, dtype)
+
+
+def add_adapter(y, delta):
+  """y + delta, or y when there is no adapter (delta None)."""
+  return y if delta is None else y + delta.astype(y.dtype)
 
 
 def maybe_remat(block_cls, policy):
@@ -40,24 +90,18 @@ def scan_layers(block_cls, length, in_axes=0):
 
 
 def cast_einsum(eqn, x, w, dtype):
-  """jnp.einsum(eqn, x, w) computed in `dtype` (x and w cast to it first).
+  """jnp.einsum(eqn, x, w) computed in `dtype` (x and w cast to it first); w may be a
+  quant.QArray (QLoRA's frozen base), dequantized to `dtype`.
 
   When the weight is stored in another dtype (frozen weights kept in float16 under
-  float32 compute, float32 master weights under bfloat16 compute), the cast runs inside
-  a jax.checkpoint whose only residuals are x and the stored w: the backward pass casts
-  the weight again. Without it, autodiff keeps each layer's cast copy for the backward
-  pass, and a scan over layers stacks them into a second, wider copy of every weight
-  (4 GiB of float32 copies of the float16 frozen MLPs of PaliGemma 2 3B at batch 10).
+  float32 compute, float32 master weights under bfloat16 compute, 4-bit codes), the cast
+  runs inside a jax.checkpoint whose only residuals are x and the stored w: the backward
+  pass casts the weight again (quant.einsum). Without it, autodiff keeps each layer's
+  cast copy for the backward pass, and a scan over layers stacks them into a second,
+  wider copy of every weight (4 GiB of float32 copies of the float16 frozen MLPs of
+  PaliGemma 2 3B at batch 10).
   """
-  dtype = jnp.dtype(dtype)
-  if w.dtype == dtype:
-    return jnp.einsum(eqn, x.astype(dtype), w)
-  return _recast_einsum(eqn, x, w, dtype)
-
-
-@functools.partial(jax.checkpoint, static_argnums=(0, 3))
-def _recast_einsum(eqn, x, w, dtype):
-  return jnp.einsum(eqn, x.astype(dtype), w.astype(dtype))
+  return quant.einsum(eqn, x, w, dtype)
 
 
 _SQRT_2_OVER_PI = 0.7978845608028654

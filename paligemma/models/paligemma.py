@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from paligemma import lora as lora_lib
 from paligemma.models import gemma, variants, vit
 from paligemma.models.cache import Cache
 
@@ -53,17 +54,19 @@ class Model(nn.Module):
   dtype: str = "float32"
   scan: bool = True
   remat_policy: str = "none"
+  lora: lora_lib.LoraConfig | None = None  # Adapters (paligemma/lora.py); None: none.
 
   def __post_init__(self):
     # Flax freezes a module's fields in its own __post_init__: resolve them before.
     object.__setattr__(self, "img", variants.ViTConfig.from_dict(self.img))
     object.__setattr__(self, "llm", variants.GemmaConfig.from_dict(self.llm))
+    object.__setattr__(self, "lora", lora_lib.LoraConfig.from_dict(self.lora))
     super().__post_init__()
 
   def setup(self):
     vit.check_image_size(self.img.image_size, self.img.patch_size)
     kw = dict(scan=self.scan, remat_policy=self.remat_policy, dtype=self.dtype,
-              param_dtype=self.param_dtype)
+              param_dtype=self.param_dtype, lora=self.lora)
     self._img = vit.ViT(self.img, num_classes=self.llm.width, name="img", **kw)
     self._llm = gemma.Gemma(self.llm, name="llm", **kw)
 

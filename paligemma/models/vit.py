@@ -3,11 +3,37 @@
 Axis letters: B batch, N image tokens (patches), D width, H heads, K head dim, M mlp dim.
 """
 
+import math
+
 import flax.linen as nn
 import jax.numpy as jnp
 
 from paligemma.models import layers
 from paligemma.models import variants
+
+
+class Dense(layers.Layer):
+  """einsum(eqn, x, kernel) + bias, with flax Dense / DenseGeneral's names and init
+  (lecun-normal over the flattened (inputs, outputs) kernel, zero bias): written as an
+  einsum so that the kernel can carry a LoRA adapter and be stored quantized."""
+  eqn: str  # "x,kernel->y", the kernel's input letters first.
+  shape: tuple  # The kernel's shape.
+  num_inputs: int = 1  # How many leading kernel axes are contracted.
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in, fan_out = (math.prod(self.shape[:self.num_inputs]),
+                       math.prod(self.shape[self.num_inputs:]))
+
+    def init(key, shape, dtype):
+      return nn.initializers.lecun_normal()(key, (fan_in, fan_out), dtype).reshape(shape)
+
+    kernel = self.weight("kernel", init, self.shape)
+    bias = self.param("bias", nn.initializers.zeros, self.shape[self.num_inputs:],
+                      self.param_dtype)
+    y = layers.cast_einsum(self.eqn, x, kernel, self.dtype)
+    y = layers.add_adapter(y, self.adapter("kernel", self.shape, self.eqn, x))
+    return y + bias.astype(y.dtype)
 
 
 class MlpBlock(layers.Layer):
@@ -17,9 +43,9 @@ class MlpBlock(layers.Layer):
   @nn.compact
   def __call__(self, x):
     """float[B, N, D] -> float[B, N, D]."""
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    h = layers.gelu_tanh(dense(self.mlp_dim, "Dense_0")(x))
-    return dense(x.shape[-1], "Dense_1")(h)
+    d, kw = x.shape[-1], dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
+    h = Dense("BND,DM->BNM", (d, self.mlp_dim), name="Dense_0", **kw)(x)
+    return Dense("BNM,MD->BND", (self.mlp_dim, d), name="Dense_1", **kw)(layers.gelu_tanh(h))
 
 
 class Attention(layers.Layer):
@@ -32,15 +58,14 @@ class Attention(layers.Layer):
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"ViT width {width} is not divisible by num_heads {self.num_heads}")
-    proj = lambda name: nn.DenseGeneral(
-        (self.num_heads, width // self.num_heads), dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)(x)
+    h, k = self.num_heads, width // self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
+    proj = lambda name: Dense("BND,DHK->BNHK", (width, h, k), name=name, **kw)(x)
     q, k, v = proj("query"), proj("key"), proj("value")
     q = q * (width // self.num_heads) ** -0.5
     mask = jnp.ones((q.shape[0], q.shape[1], k.shape[1]), bool)  # Bidirectional.
     out = layers.attend(q, k, v, mask)
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="out")(out)
+    return Dense("BNHK,HKD->BND", (h, width // h, width), num_inputs=2, name="out", **kw)(out)
 
 
 class Encoder1DBlock(layers.Layer):
@@ -54,9 +79,10 @@ class Encoder1DBlock(layers.Layer):
     """float[B, N, D] -> float[B, N, D] (scan-compatible: returns (x, None))."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     y = nn.LayerNorm(epsilon=self.ln_eps, name="LayerNorm_0", **kw)(x)
-    x = x + Attention(self.num_heads, name="MultiHeadDotProductAttention_0", **kw)(y)
+    x = x + Attention(self.num_heads, name="MultiHeadDotProductAttention_0", lora=self.lora,
+                      **kw)(y)
     y = nn.LayerNorm(epsilon=self.ln_eps, name="LayerNorm_1", **kw)(x)
-    x = x + MlpBlock(self.mlp_dim, name="MlpBlock_0", **kw)(y)
+    x = x + MlpBlock(self.mlp_dim, name="MlpBlock_0", lora=self.lora, **kw)(y)
     return x, None
 
 
@@ -73,7 +99,7 @@ class Encoder(layers.Layer):
   def __call__(self, x):
     """float[B, N, D] -> float[B, N, D]."""
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, ln_eps=self.ln_eps,
-              dtype=self.dtype, param_dtype=self.param_dtype)
+              dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
     block = layers.maybe_remat(Encoder1DBlock, self.remat_policy)
     if self.scan:
       x, _ = layers.scan_layers(block, self.depth)(name="encoderblock", **kw)(x, None)
@@ -109,7 +135,7 @@ class ViT(layers.Layer):
     x = x + pos.astype(x.dtype)
     x = Encoder(cfg.depth, cfg.mlp_dim, cfg.num_heads, cfg.ln_eps, self.scan,
                 self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="Transformer")(x)
+                lora=self.lora, name="Transformer")(x)
     aux = {"pre_logits": x}
     if self.num_classes:
       x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,

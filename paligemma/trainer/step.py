@@ -27,7 +27,7 @@ def _micro_batches(batch, accum_steps):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(model, tx, lr_fn, *, label_smoothing=0.0, accum_steps=1):
+def make_train_step(model, tx, lr_fn, *, label_smoothing=0.0, accum_steps=1, dropout_seed=0):
   """step(trainable, frozen, opt_state, batch, step) -> (trainable, opt_state, metrics).
 
   trainable / frozen: flat {name: array} (optim.partition); metrics: loss, lr, grad_norm.
@@ -36,12 +36,15 @@ def make_train_step(model, tx, lr_fn, *, label_smoothing=0.0, accum_steps=1):
   vocabulary chunks, and only for the chunks of tokens that are in the loss.
   """
   remat = model.remat_policy not in (None, "none")
+  # LoRA dropout: a key per step (and micro-batch), so a resumed run draws the same masks.
+  dropout = model.lora is not None and model.lora.dropout > 0
 
-  def loss_fn(trainable, frozen, batch):
+  def loss_fn(trainable, frozen, batch, key):
     params = optim.merge(trainable, frozen)
     text, mask_ar = batch["text"], batch["mask_ar"]
+    rngs = {"dropout": key} if dropout else {}
     features = model.apply({"params": params}, batch["image"], text[:, :-1], mask_ar[:, :-1],
-                           method=model_lib.Model.text_features)
+                           method=model_lib.Model.text_features, rngs=rngs)
     return loss_lib.suffix_loss_from_features(
         features, params["llm"]["embedder"]["input_embedding"], text[:, 1:],
         batch["mask_loss"][:, 1:], dtype=model.dtype, softcap=model.llm.final_logits_softcap,
@@ -50,15 +53,18 @@ def make_train_step(model, tx, lr_fn, *, label_smoothing=0.0, accum_steps=1):
   grad_fn = jax.value_and_grad(loss_fn)
 
   def step(trainable, frozen, opt_state, batch, step_count):
+    key = jax.random.fold_in(jax.random.PRNGKey(dropout_seed), step_count)
     if accum_steps == 1:
-      loss, grads = grad_fn(trainable, frozen, batch)
+      loss, grads = grad_fn(trainable, frozen, batch, key)
     else:
       # Equal-sized micro-batches: the mean of their means is the full-batch mean.
       def body(carry, micro):
-        loss, grads = grad_fn(trainable, frozen, micro)
+        micro, i = micro
+        loss, grads = grad_fn(trainable, frozen, micro, jax.random.fold_in(key, i))
         return jax.tree.map(jnp.add, carry, (loss, grads)), None
       zero = (jnp.zeros([], jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
-      (loss, grads), _ = jax.lax.scan(body, zero, _micro_batches(batch, accum_steps))
+      micro = (_micro_batches(batch, accum_steps), jnp.arange(accum_steps))
+      (loss, grads), _ = jax.lax.scan(body, zero, micro)
       loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)

@@ -1,0 +1,263 @@
+"""LoRA: trainable low-rank updates of frozen weights, W x + (alpha / rank) * B A x.
+
+A targeted weight `<name>` (our parameter names, paligemma/checkpoint/names.py) gets two
+sibling leaves `<name>_lora_a` and `<name>_lora_b` (qwix's naming). Their layout follows
+the weight's, from the letters in LAYOUTS (per layer; a scanned stack adds its layer
+axis in front of all three):
+
+  A = [stack..., inputs..., r]   B = [stack..., r, outputs...]
+
+`inputs` are the weight's axes contracted with the activations, `outputs` the others in
+the weight's order, and `stack` the axes holding separate projections that get one
+adapter each, as PEFT's per-module adapters do (q, k, v of `qkv_einsum`; gate and up of
+`gating_einsum`). A starts as PEFT's (kaiming-uniform over its inputs), B at zero, so a
+fresh adapter leaves the model's outputs unchanged.
+
+config.lora (transfer configs), all optional but `rank`:
+  rank      r; 0 or None: no LoRA.
+  alpha     the update is scaled by alpha / rank (PEFT's lora_alpha; default rank).
+  dropout   on the adapter's input while training (PEFT's lora_dropout), default 0.
+  targets   a preset of TARGETS or a regex over parameter names (full match).
+  quantize  None | "int8" | "nf4": store the frozen matmul weights so (QLoRA is "nf4").
+"""
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+
+from paligemma import quant
+
+_ATTN = r"llm/layers/attn/(q|kv|qkv|attn_vec)_einsum/w"
+_MLP = r"llm/layers/mlp/(gating_einsum|linear)"
+_VIT = "img/Transformer/encoderblock/"
+_VIT_QKV = _VIT + r"MultiHeadDotProductAttention_0/(query|key|value)/kernel"
+_VIT_ALL = _VIT + r"(MultiHeadDotProductAttention_0/(query|key|value|out)|MlpBlock_0/Dense_[01])/kernel"
+TARGETS = {
+    # PEFT's PaliGemma recipe names q/k/v/o_proj and gate/up/down_proj, which also match
+    # SigLIP's q/k/v_proj: "peft" is what its adapters touch, "llm" the language model only.
+    "llm": f"{_ATTN}|{_MLP}",
+    "peft": f"{_ATTN}|{_MLP}|{_VIT_QKV}",
+    "all": f"{_ATTN}|{_MLP}|{_VIT_ALL}",
+}
+DEFAULT_TARGETS = "llm"
+QUANTIZE = (None, "int8", "nf4")
+
+# (name regex, weight letters, stack letters, input letters), per layer.
+LAYOUTS = (
+    (r"llm/layers/attn/q_einsum/w", "NDH", "", "D"),
+    (r"llm/layers/attn/kv_einsum/w", "SKDH", "S", "D"),
+    (r"llm/layers/attn/qkv_einsum/w", "SNDH", "S", "D"),
+    (r"llm/layers/attn/attn_vec_einsum/w", "NHD", "", "NH"),
+    (r"llm/layers/mlp/gating_einsum", "SDF", "S", "D"),
+    (r"llm/layers/mlp/linear", "FD", "", "F"),
+    (_VIT + r"MultiHeadDotProductAttention_0/(query|key|value)/kernel", "DHK", "", "D"),
+    (_VIT + r"MultiHeadDotProductAttention_0/out/kernel", "HKD", "", "HK"),
+    (_VIT + r"MlpBlock_0/Dense_0/kernel", "DM", "", "D"),
+    (_VIT + r"MlpBlock_0/Dense_1/kernel", "MD", "", "M"),
+)
+SUFFIXES = ("_lora_a", "_lora_b")
+_LORA_LEAF = re.compile(r".*_lora_[ab]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How one weight's adapter is laid out (see the module docstring)."""
+  weight: str
+  stack: str
+  inputs: str
+
+  @property
+  def outputs(self):
+    return "".join(c for c in self.weight if c not in self.stack + self.inputs)
+
+  @property
+  def a(self):
+    return self.stack + self.inputs + "r"
+
+  @property
+  def b(self):
+    return self.stack + "r" + self.outputs
+
+  def shapes(self, weight_shape, rank):
+    """(A shape, B shape) for a weight of `weight_shape` (leading layer axes kept)."""
+    lead = tuple(weight_shape[:len(weight_shape) - len(self.weight)])
+    size = dict(zip(self.weight, weight_shape[len(lead):]))
+    size["r"] = rank
+    return (lead + tuple(size[c] for c in self.a), lead + tuple(size[c] for c in self.b))
+
+
+def canonical_name(name):
+  """Unstacked layer names (`layers_3`, `encoderblock_0`) -> the stacked spelling."""
+  return re.sub(r"/(layers|encoderblock)_\d+/", r"/\1/", name)
+
+
+def layout(name):
+  """The Layout of a weight name, or None if it cannot carry an adapter."""
+  name = canonical_name(name)
+  for pattern, weight, stack, inputs in LAYOUTS:
+    if re.fullmatch(pattern, name):
+      return Layout(weight, stack, inputs)
+  return None
+
+
+def is_lora_leaf(name):
+  return bool(_LORA_LEAF.fullmatch(name))
+
+
+def base_name(name):
+  """`<w>_lora_a` / `<w>_lora_b` -> `<w>`."""
+  return name[:-len(SUFFIXES[0])]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """A resolved config.lora (hashable: it is a field of the model)."""
+  rank: int
+  alpha: float
+  dropout: float = 0.0
+  targets: str = DEFAULT_TARGETS
+  quantize: str | None = None
+
+  def __post_init__(self):
+    if int(self.rank) <= 0:
+      raise ValueError(f"config.lora.rank must be a positive integer, got {self.rank!r}")
+    if not 0.0 <= float(self.dropout) < 1.0:
+      raise ValueError(f"config.lora.dropout must be in [0, 1), got {self.dropout!r}")
+    if self.quantize not in QUANTIZE:
+      raise ValueError(f"config.lora.quantize {self.quantize!r} unknown; valid: {QUANTIZE}")
+    try:
+      re.compile(self.regex)
+    except re.error as e:
+      raise ValueError(f"config.lora.targets {self.targets!r} is neither a preset "
+                       f"({', '.join(TARGETS)}) nor a valid regex: {e}") from None
+
+  @classmethod
+  def from_dict(cls, cfg):
+    """LoraConfig from config.lora (a dict or ConfigDict), or None when rank is 0/None."""
+    if cfg is None or isinstance(cfg, cls):
+      return cfg
+    cfg = dict(cfg)
+    unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"Unknown config.lora key(s) {unknown}; valid: rank, alpha, dropout, "
+                       "targets, quantize")
+    if not cfg.get("rank"):
+      return None
+    rank = int(cfg["rank"])
+    alpha = cfg.get("alpha")
+    return cls(rank=rank, alpha=float(rank if alpha is None else alpha),
+               dropout=float(cfg.get("dropout") or 0.0),
+               targets=cfg.get("targets") or DEFAULT_TARGETS, quantize=cfg.get("quantize"))
+
+  def to_dict(self):
+    return dataclasses.asdict(self)
+
+  @property
+  def scale(self):
+    return self.alpha / self.rank
+
+  @property
+  def regex(self):
+    return TARGETS.get(self.targets, self.targets)
+
+  def targets_weight(self, name):
+    """Whether the weight `name` carries an adapter (it matches and has a Layout)."""
+    name = canonical_name(name)
+    return bool(re.fullmatch(self.regex, name)) and layout(name) is not None
+
+
+def init_a(fan_in):
+  """PEFT's A init: kaiming-uniform with a = sqrt(5), i.e. uniform(+-1 / sqrt(fan_in)),
+  fan_in the size of the weight's input axes."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def delta_equation(eqn, lay):
+  """The adapter's einsum for a module einsum `eqn` ("x,w->y") of a weight laid out
+  as `lay`: "x,A,B->y"."""
+  lhs, rest = eqn.split(",")
+  rhs, out = rest.split("->")
+  if rhs.replace("...", "") != lay.weight:
+    raise ValueError(f"einsum {eqn!r} does not use the weight letters {lay.weight!r}")
+  return f"{lhs},{lay.a},{lay.b}->{out}"
+
+
+def delta_weight(a, b, lay, scale):
+  """(alpha / rank) * A B in the weight's layout (leading layer axes kept)."""
+  eqn = f"...{lay.a},...{lay.b}->...{lay.weight}"
+  return scale * jnp.einsum(eqn, a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+def merge(params, lora_config):
+  """Flat {name: array} with adapters -> the same without them, each adapted weight
+  replaced by W + (alpha / rank) * A B (in W's dtype). Quantized weights cannot be
+  merged into: dequantize them first (paligemma/quant.py)."""
+  out = {k: v for k, v in params.items() if not is_lora_leaf(k)}
+  for name in sorted(k for k in params if k.endswith(SUFFIXES[0])):
+    w_name = base_name(name)
+    if w_name not in out:
+      raise KeyError(f"Adapter {name} has no base weight {w_name} to merge into")
+    lay = layout(w_name)
+    w = out[w_name]
+    d = delta_weight(params[name], params[w_name + SUFFIXES[1]], lay, lora_config.scale)
+    out[w_name] = (jnp.asarray(w, jnp.float32) + d).astype(w.dtype)
+  return out
+
+
+def adapters(params):
+  """The adapter leaves of a flat params dict."""
+  return {k: v for k, v in params.items() if is_lora_leaf(k)}
+
+
+def count(params):
+  """(adapter parameters, all parameters) of a flat dict of arrays or shapes."""
+  size = lambda v: math.prod(v.shape)
+  lora = sum(size(v) for k, v in params.items() if is_lora_leaf(k))
+  return lora, sum(size(v) for v in jax.tree.leaves(params))
+
+
+def quantize_plan(name, shape, kind):
+  """`lead` for quant.quantize of a frozen weight (its layer axes and the stack axes of
+  its layout, so that the model can take one layer, and one projection, as a QArray),
+  or None when the weight stays as it is (not a matmul weight of LAYOUTS, or no whole
+  blocks)."""
+  lay = layout(name)
+  if kind is None or lay is None or not lay.weight.startswith(lay.stack):
+    return None
+  lead = len(shape) - len(lay.weight) + len(lay.stack)
+  return lead if quant.quantizable(shape, lead) else None
+
+
+def quantize_frozen(frozen, kind, target=None):
+  """Flat {name: array} -> the same with the matmul weights as quant.QArray (`kind`
+  "int8" | "nf4"), one leaf at a time, and a stacked leaf one layer at a time: a
+  layer's float32 copy is the only temporary, and each full-precision leaf is released
+  once quantized (when the caller holds no other reference). target: the sharding the
+  quantized arrays are put on (the accelerator, where the float weights were loaded
+  into host memory); None: where each weight is. Other leaves stay as they are."""
+  out = {}
+  for name in list(frozen):
+    w = frozen.pop(name)
+    lead = quantize_plan(name, w.shape, kind)
+    if lead is None:
+      out[name] = w
+      continue
+    put = (lambda x: x) if target is None else (lambda x: jax.device_put(x, target))
+    if lead == 0:
+      out[name] = _quantize_jit(put(w), kind, 0)
+    else:
+      layers = [_quantize_jit(put(w[i]), kind, lead - 1) for i in range(w.shape[0])]
+      out[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    del w
+  return out
+
+
+_quantize_jit = jax.jit(quant.quantize, static_argnums=(1, 2))
