@@ -1,7 +1,7 @@
 r"""Convert a PaliGemma checkpoint between .npz (big_vision / Kaggle) and Hugging Face.
 
   python -m paligemma.convert SRC DST [--to npz|hf] [--dtype float32|bfloat16|float16]
-      [--tokenizer SPM]
+      [--tokenizer SPM] [--adapter DIR --merge]
 
 SRC: a trainer workdir (params.npz + model_config.json + config.json), a .npz file, a
 Hugging Face directory (config.json + *.safetensors) or a
@@ -9,10 +9,14 @@ Hugging Face directory (config.json + *.safetensors) or a
 defaults to npz when DST ends in .npz, else hf. --to hf also writes the processor files
 (AutoProcessor loads them), from --tokenizer, else the workdir's tokenizer, else a
 `*tokenizer*.model` beside SRC, else the repo's tiny one when the vocabulary is its size;
-with none it refuses. Prints one summary line at the end.
+with none it refuses. --adapter DIR --merge merges a Hugging Face PEFT LoRA adapter
+(a LoRA run's workdir/adapter, save_peft's, or one trained in PEFT) for the base SRC into
+the weights written (W + lora_alpha / r * B A, in float32, then --dtype). Prints one
+summary line at the end.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -30,15 +34,16 @@ def _variant(model_config):
   return f"{vit} + {gemma} at {img['image_size']}px, vocab {llm['vocab_size']:,}"
 
 
-def summary(params, model_config, dst, to, nbytes, tokenizer=None):
+def summary(params, model_config, dst, to, nbytes, tokenizer=None, adapter=None):
   """One line: what was written, how many parameters and bytes, which variant."""
   leaves = list(checkpoint.tree.flatten(params).values())
   count = sum(int(np.prod(x.shape)) for x in leaves)
   dtypes = sorted({str(x.dtype) for x in leaves})
   processor = f"; processor from {tokenizer}" if tokenizer else ""
+  merged = f"; adapter {adapter} merged" if adapter else ""
   return (f"wrote {dst} ({to}): {count:,} parameters, {nbytes:,} bytes "
           f"({nbytes / 2**30:.2f} GiB, {'/'.join(dtypes)}), {_variant(model_config)}"
-          f"{processor}")
+          f"{merged}{processor}")
 
 
 def _local(src):
@@ -55,6 +60,14 @@ def resolve(src, to, tokenizer=None):
   before any weight is read.
   """
   local = _local(src)
+  adapter = os.path.join(local, "adapter", "adapter_config.json")
+  if os.path.exists(adapter) and not predict.is_workdir(local):
+    with open(adapter) as f:
+      base = json.load(f).get("base_model_name_or_path") or "BASE"
+    raise ValueError(f"{src} is a LoRA run's workdir (its adapters in adapter/, no "
+                     f"params.npz): convert its base with the adapter merged, `python -m "
+                     f"paligemma.convert {base} DST --adapter {os.path.dirname(adapter)} "
+                     "--merge`")
   path, model_config, run_config, _ = predict.read_workdir(local)
   if to != "hf":
     return path, model_config, None
@@ -74,16 +87,25 @@ def main(argv=None):
                       help="cast every parameter (default: keep the source's)")
   parser.add_argument("--tokenizer", help="SentencePiece model for the HF processor files "
                       "(--to hf only; default: see above)")
+  parser.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory for "
+                      "the base SRC, merged into the output (with --merge)")
+  parser.add_argument("--merge", action="store_true", help="merge --adapter into the "
+                      "weights: W + lora_alpha / r * B A")
   args = parser.parse_args(argv)
   to = args.to or ("npz" if args.dst.endswith(".npz") else "hf")
   if to == "hf" and os.path.isfile(args.dst):
     parser.error(f"{args.dst} is a file; --to hf writes a directory")
   if args.tokenizer and to != "hf":
     parser.error("--tokenizer only applies to --to hf")
+  if args.adapter and not args.merge:
+    parser.error("--adapter needs --merge: .npz and Hugging Face checkpoints hold plain "
+                 "weights, so the adapter is merged into them (W + lora_alpha / r * B A)")
+  if args.merge and not args.adapter:
+    parser.error("--merge needs --adapter DIR, the PEFT adapter to merge into SRC")
   try:
     path, config, tokenizer = resolve(args.src, to, args.tokenizer)
     params, model_config = checkpoint.load(path, config=config, dtype=args.dtype,
-                                           progress=True)
+                                           progress=True, adapter=args.adapter)
     if to == "npz":
       nbytes = checkpoint.save_npz(params, args.dst, progress=True)
     else:
@@ -92,7 +114,7 @@ def main(argv=None):
   except (checkpoint.CheckpointError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(summary(params, model_config, args.dst, to, nbytes, tokenizer))
+  print(summary(params, model_config, args.dst, to, nbytes, tokenizer, args.adapter))
   return 0
 
 

@@ -11,9 +11,11 @@ import tempfile
 
 import ml_dtypes
 import numpy as np
+import pytest
 
 from paligemma import checkpoint
 from paligemma import convert
+from paligemma import lora as lora_lib
 from paligemma import tokenizer as tokenizer_lib
 from conftest import random_params
 from test_checkpoint_npz import CONFIGS, assert_same
@@ -134,3 +136,44 @@ def test_module_entry_point(tmp_path):
                         str(tmp_path / "b.npz")], capture_output=True, text=True, check=True)
   assert out.stdout.startswith("wrote ") and "parameters" in out.stdout
   assert "loading a.npz" in out.stderr  # tqdm progress bar.
+
+
+def _adapters(model_config, lora, seed=0):
+  """Random adapter leaves (A and B nonzero) for the weights that LoraConfig `lora` targets."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, shape in checkpoint.param_shapes(model_config).items():
+    if lora.targets_weight(name):
+      for suffix, s in zip(lora_lib.SUFFIXES, lora_lib.layout(name).shapes(shape, lora.rank)):
+        out[name + suffix] = (rng.standard_normal(s) * 0.1).astype(np.float32)
+  return out
+
+
+def test_merge_adapter(tmp_path, capsys):
+  config = TINY["gemma2"]
+  params = random_params(config)
+  checkpoint.save_npz(params, tmp_path / "a.npz")
+  lora = lora_lib.LoraConfig(rank=2, alpha=4.0, targets="peft")
+  adapters = _adapters(config, lora)
+  checkpoint.save_peft(adapters, dict(config, lora=lora.to_dict()), tmp_path / "ad",
+                       base=str(tmp_path / "a.npz"))
+  want = lora_lib.merge({**checkpoint.tree.flatten(params), **adapters}, lora)
+  args = ["--adapter", str(tmp_path / "ad"), "--merge"]
+  for dst in ("merged.npz", "merged_hf"):
+    assert convert.main([str(tmp_path / "a.npz"), str(tmp_path / dst)] + args) == 0
+    assert f"adapter {tmp_path / 'ad'} merged" in capsys.readouterr().out
+    got = checkpoint.tree.flatten(checkpoint.load(tmp_path / dst)[0])
+    assert sorted(got) == sorted(want)
+    for name, x in want.items():
+      np.testing.assert_allclose(got[name], x, atol=1e-6, err_msg=f"{dst}: {name}")
+  with pytest.raises(SystemExit):
+    convert.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--adapter",
+                  str(tmp_path / "ad")])
+  assert "--adapter needs --merge" in capsys.readouterr().err
+  # A LoRA run's workdir (adapter/, no params.npz) names the command that merges it.
+  os.makedirs(tmp_path / "run")
+  shutil.copytree(tmp_path / "ad", tmp_path / "run" / "adapter")
+  (tmp_path / "run" / "config.json").write_text(json.dumps({"tokenizer": None}))
+  assert convert.main([str(tmp_path / "run"), str(tmp_path / "c.npz")]) == 1
+  err = capsys.readouterr().err
+  assert f"{tmp_path / 'a.npz'} DST --adapter {tmp_path / 'run' / 'adapter'} --merge" in err

@@ -10,6 +10,7 @@ from paligemma.checkpoint import adapt
 from paligemma.checkpoint import hf
 from paligemma.checkpoint import kaggle
 from paligemma.checkpoint import npz
+from paligemma.checkpoint import peft
 from paligemma.checkpoint import shapes as shapes_lib
 from paligemma.checkpoint import tree
 from paligemma.checkpoint.source import CheckpointError, aligned_empty, check_shapes
@@ -134,7 +135,8 @@ def _dtype_for(dtype, name, file_dtype):
   return np.dtype(file_dtype) if dtype is None else np.dtype(jnp.dtype(dtype))
 
 
-def load(source, *, config=None, dtype=None, sharding=None, stacked=True, progress=False):
+def load(source, *, config=None, dtype=None, sharding=None, stacked=True, progress=False,
+         adapter=None, merge=True):
   """Checkpoint (.npz, HF dir, `kaggle:` handle) -> (params, model_config).
 
   config: optional (partial) model_config; a different vocab_size trims / extends the
@@ -145,11 +147,18 @@ def load(source, *, config=None, dtype=None, sharding=None, stacked=True, progre
     float16, trainable ones in float32), so no leaf is ever held in two dtypes.
   sharding: a jax.sharding.Sharding, or callable(path_tuple, shape) -> Sharding.
   stacked: False returns per-layer names (`encoderblock_{i}`, `layers_{i}`).
+  adapter: a Hugging Face PEFT LoRA adapter directory (peft.py) to apply: merged into the
+    weights (W + lora_alpha / r * B A), or, merge=False, returned as our adapter leaves
+    (`<weight>_lora_a` / `_lora_b`) with model_config["lora"] set, for build_model.
   """
   src = describe(source)
   model_config = merge_config(src.config, config)
   expected = shapes_lib.param_shapes(model_config)
   _check(src, expected)
+  if adapter is not None:
+    src, expected, model_config = peft.apply(
+        src, expected, model_config, adapter, merge=merge,
+        dtype_for=lambda name, leaves=src.leaves: _dtype_for(dtype, name, leaves[name].dtype))
   names = list(expected)
   if progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top

@@ -54,6 +54,21 @@ def export_hf_name(canonical):
   return canonical
 
 
+# transformers 5 module paths (what PEFT adapter files are keyed by, after `base_model.model.`).
+_MODULE_PREFIXES = (("vision_tower.", "model.vision_tower."),
+                    ("multi_modal_projector.", "model.multi_modal_projector."),
+                    ("language_model.", "model.language_model."))
+
+
+def module_hf_name(canonical):
+  """Canonical name -> its path in a transformers 5 PaliGemmaForConditionalGeneration
+  (`language_model.layers.0.mlp.up_proj` -> `model.language_model.layers.0.mlp.up_proj`)."""
+  for old, new in _MODULE_PREFIXES:
+    if canonical.startswith(old):
+      return new + canonical[len(old):]
+  return canonical
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One of our leaves and the transformers tensor(s) it is made of.
