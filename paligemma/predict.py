@@ -10,6 +10,10 @@ r"""Run a PaliGemma checkpoint on images: one line per image.
 checkpoint, else the repo's tiny tokenizer when the model's vocabulary fits it.
 For `detect ...` prompts each box is printed in pixels of the original image
 (x_min, y_min, x_max, y_max) and, with --out, an annotated PNG is written there.
+For `segment ...` prompts the `<seg>` tokens are decoded with the mask VQ-VAE (--vae:
+big_vision's vae-oid.npz, or "shapes"; default the workdir's config's `vae`): boxes are
+printed, --out draws the masks in colour with their boxes, and --json gives each mask
+as COCO RLE ({"size": [H, W], "counts"}, pycocotools' string form).
 --json prints one JSON object per image instead. --sampler takes a
 `paligemma.decode` spec ("greedy", "nucleus(p=0.9)", "beam(4)", ...).
 """
@@ -20,7 +24,10 @@ import json
 import os
 import sys
 
+import numpy as np
+
 from paligemma import checkpoint as checkpoint_lib
+from paligemma import drawing
 from paligemma import prompt as prompt_lib
 from paligemma import tokenizer as tokenizer_lib
 
@@ -85,15 +92,29 @@ def tokenizer_path(checkpoint, run_config, vocab, tokenizer=None):
   return tok_path
 
 
-def load_for_inference(checkpoint, *, tokenizer=None, model_config=None, dtype=None):
+def adapter_dir(adapter):
+  """A PEFT adapter directory, given as itself or as the workdir of a LoRA run."""
+  if adapter is None:
+    return None
+  inside = os.path.join(os.fspath(adapter), "adapter")
+  if os.path.exists(os.path.join(inside, "adapter_config.json")):
+    return inside
+  return os.fspath(adapter)
+
+
+def load_for_inference(checkpoint, *, tokenizer=None, model_config=None, dtype=None,
+                       adapter=None):
   """(model, params, tokenizer, run_config) from a workdir, .npz, HF dir or kaggle: handle.
 
   model_config: optional partial {"img", "llm"} overriding the file's (e.g. image_size);
-  run_config: the workdir's config.json as a dict ({} for other checkpoints).
+  adapter: a PEFT LoRA adapter directory (or a LoRA run's workdir), merged into the
+  weights as they load; run_config: the workdir's config.json as a dict ({} for other
+  checkpoints).
   """
   from paligemma.models import build  # pylint: disable=g-import-not-at-top
   path, model_config, run_config, extra = read_workdir(checkpoint, model_config)
-  params, model_config = checkpoint_lib.load(path, config=model_config, dtype=dtype)
+  params, model_config = checkpoint_lib.load(path, config=model_config, dtype=dtype,
+                                             adapter=adapter_dir(adapter))
   if dtype is not None:
     extra["dtype"] = dtype
   model = build.build_model(model_config, **extra)
@@ -106,9 +127,35 @@ def load_for_inference(checkpoint, *, tokenizer=None, model_config=None, dtype=N
   return model, params, tok, run_config
 
 
+def run_vae(run_config):
+  """The mask VAE path a workdir's run used (its data's or an evaluator's `vae`), or None."""
+  data = (run_config.get("input") or {}).get("data")
+  evals = list((run_config.get("evals") or {}).values())
+  for cfg in [data] + evals + [e.get("data") for e in evals if isinstance(e, dict)]:
+    if isinstance(cfg, dict) and cfg.get("vae"):
+      return cfg["vae"]
+  return None
+
+
+def _xyxy(box, height, width):
+  """Pixel [x_min, y_min, x_max, y_max] (0.1 px) of a box (y1, x1, y2, x2) in [0, 1]."""
+  from paligemma.evaluators import detection  # pylint: disable=g-import-not-at-top
+  return [round(float(v), 1) for v in detection.to_pixels(box, height, width)[[1, 0, 3, 2]]]
+
+
+def _rle(mask):
+  """COCO RLE {"size": [H, W], "counts": str} of a bool[H, W] mask."""
+  from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
+  rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+  return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
 def predict(model, params, tok, images, prompt, *, max_decode_len=32, sampler="greedy",
-            seed=0, batch_size=8):
-  """list[dict] per image: image, prompt, prediction (str), and boxes for detect prompts.
+            seed=0, batch_size=8, vae=None):
+  """list[dict] per image: image, prompt, prediction (str); for detect prompts `boxes`
+  (pixel x/y min/max), `malformed` and `objects` (parsed, boxes in [0, 1]: what
+  `drawing.draw_objects` takes); segment prompts (`vae`: a loaded `segmentation.VAE`)
+  add each object's `mask`, as COCO RLE in `boxes` and bool[H, W] in `objects`.
 
   An unreadable image gets an `error` instead of a prediction.
   """
@@ -141,27 +188,28 @@ def predict(model, params, tok, images, prompt, *, max_decode_len=32, sampler="g
     if prompt.startswith("detect"):
       h, w = detection.image_hw(examples[i]["image"])
       objects, malformed = tokenizer_lib.parse_detections(results[i])
-      rec["boxes"] = [{"label": label,
-                       "box_xyxy": [round(float(v), 1) for v in
-                                    detection.to_pixels(box, h, w)[[1, 0, 3, 2]]]}
-                      for label, box in objects]
+      rec["boxes"] = [{"label": label, "box_xyxy": _xyxy(box, h, w)} for label, box in objects]
+      rec["objects"] = drawing.detection_objects(objects)
+      rec["malformed"] = malformed
+    elif prompt.startswith("segment"):
+      if vae is None:
+        raise ValueError("A segment prompt needs the mask VAE: pass --vae (big_vision's "
+                         "vae-oid.npz, or \"shapes\" for the shapes demo).")
+      from paligemma import segmentation  # pylint: disable=g-import-not-at-top
+      h, w = detection.image_hw(examples[i]["image"])
+      objects, malformed = segmentation.parse_segmentation(results[i], vae, h, w)
+      rec["boxes"] = [{"label": o["label"], "box_xyxy": _xyxy(o["box"], h, w),
+                       "mask": _rle(o["mask"])} for o in objects]
+      rec["objects"] = objects
       rec["malformed"] = malformed
     outputs.append(rec)
   return outputs
 
 
-def draw_boxes(image_path, boxes, out_path):
-  """Writes a PNG of the image with labelled boxes (pixel x_min, y_min, x_max, y_max)."""
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+def draw(image_path, objects, out_path):
+  """Writes a PNG of the image with the parsed objects drawn (`drawing.draw_objects`)."""
   from paligemma.data import images as images_lib  # pylint: disable=g-import-not-at-top
-  img = Image.fromarray(images_lib.decode(image_path))
-  draw = ImageDraw.Draw(img)
-  colours = ("red", "lime", "blue", "yellow", "magenta", "cyan")
-  for i, b in enumerate(boxes):
-    colour = colours[i % len(colours)]
-    draw.rectangle(b["box_xyxy"], outline=colour, width=max(1, min(img.size) // 100))
-    draw.text((b["box_xyxy"][0] + 2, b["box_xyxy"][1] + 1), b["label"], fill=colour)
-  img.save(out_path)
+  drawing.draw_objects(images_lib.decode(image_path), objects).save(out_path)
 
 
 def _parser():
@@ -172,13 +220,17 @@ def _parser():
   p.add_argument("--tokenizer", help="SentencePiece .model (default: see above)")
   p.add_argument("--image", nargs="+", required=True, help="image file(s)")
   p.add_argument("--prompt", default="caption en", help='e.g. "caption en", "detect cat"')
-  p.add_argument("--out", help="folder for annotated PNGs of detect prompts")
+  p.add_argument("--out", help="folder for annotated PNGs of detect and segment prompts")
+  p.add_argument("--vae", help='segment prompts: the mask VQ-VAE (vae-oid.npz, or "shapes"); '
+                 "default: the workdir config's")
   p.add_argument("--json", action="store_true", help="one JSON object per image")
   p.add_argument("--sampler", default="greedy", help="decode spec, e.g. nucleus(p=0.9)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--max_decode_len", type=int, default=32)
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--dtype", help="cast params, e.g. bfloat16 (default: as stored)")
+  p.add_argument("--adapter", help="a PEFT LoRA adapter directory (or a LoRA run's workdir) "
+                 "to apply to --checkpoint, its base")
   return p
 
 
@@ -187,18 +239,27 @@ def main(argv=None):
   missing = [p for p in args.image if not os.path.exists(p)]
   if missing:
     sys.exit(f"Image file(s) not found: {', '.join(missing)}")
-  model, params, tok, _ = load_for_inference(args.checkpoint, tokenizer=args.tokenizer,
-                                             dtype=args.dtype)
+  model, params, tok, run_config = load_for_inference(args.checkpoint, tokenizer=args.tokenizer,
+                                                      dtype=args.dtype, adapter=args.adapter)
+  vae = None
+  if args.prompt.startswith("segment"):
+    vae_path = args.vae or run_vae(run_config)
+    if not vae_path:
+      sys.exit("A segment prompt needs the mask VQ-VAE: pass --vae vae-oid.npz (from "
+               "storage.googleapis.com/big_vision/paligemma/vae-oid.npz).")
+    from paligemma import segmentation  # pylint: disable=g-import-not-at-top
+    vae = segmentation.load_vae(vae_path)
   outputs = predict(model, params, tok, args.image, args.prompt,
                     max_decode_len=args.max_decode_len, sampler=args.sampler, seed=args.seed,
-                    batch_size=args.batch_size)
+                    batch_size=args.batch_size, vae=vae)
   if args.out:
     os.makedirs(args.out, exist_ok=True)
   for rec in outputs:
-    if args.out and "boxes" in rec:
+    objects = rec.pop("objects", None)
+    if args.out and objects is not None:
       stem = os.path.splitext(os.path.basename(rec["image"]))[0]
       rec["annotated"] = os.path.join(args.out, f"{stem}.png")
-      draw_boxes(rec["image"], rec["boxes"], rec["annotated"])
+      draw(rec["image"], objects, rec["annotated"])
     if args.json:
       print(json.dumps(rec, ensure_ascii=False))
     elif "error" in rec:

@@ -25,10 +25,16 @@ What follows big_vision exactly (checked against
 
 Convolutions and the codebook distances run at `Precision.HIGHEST`, so accelerators that
 would otherwise use bfloat16 passes give the same codes as big_vision's float32 TF.
+
+For data sources: `mask_codes` + `codes_to_suffix` are `mask_to_suffix` in two steps,
+`SuffixEncoder` writes whole `segment a ; b` targets with a VAE loaded on first use,
+and `read_mask` reads ground-truth masks given as arrays, image files or COCO RLE.
+`load_vae("shapes")` gives the demo's small VAE (paligemma/assets/make_shapes_vae.py).
+Objects are parsed by `tokenizer.parse_objects`, shared with detection.
 """
 
 import dataclasses
-import re
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -53,9 +59,6 @@ _DECODER_RES = ("decoder.2.net", "decoder.3.net")
 _CODEBOOK = "_vq_vae._embedding"
 _RES_CHANNELS = 128
 
-_SEG_OBJECT_RE = re.compile(r"^\s*((?:<loc\d{4}>){4})((?:<seg\d{3}>){16})(.*)$", re.S)
-_SEG_RE = re.compile(r"<seg(\d{3})>")
-_LOC_RE = re.compile(r"<loc(\d{4})>")
 
 
 @jax.tree_util.register_dataclass
@@ -173,8 +176,15 @@ def vae_from_state_dict(state, source="state dict"):
   )
 
 
+SHAPES_VAE = "shapes"  # `load_vae` name of the demo's VAE (paligemma.assets.make_shapes_vae).
+
+
 def load_vae(path):
-  """VAE from big_vision's `vae-oid.npz` (or any .npz in its layout)."""
+  """VAE from big_vision's `vae-oid.npz` (or any .npz in its layout); "shapes" gives the
+  demo's small VAE, trained on first use."""
+  if path == SHAPES_VAE:
+    from paligemma.assets import make_shapes_vae  # pylint: disable=g-import-not-at-top
+    path = make_shapes_vae.path()
   try:
     with np.load(path) as npz:
       state = {key: npz[key] for key in npz.files}
@@ -328,6 +338,28 @@ def _mask_as_255(mask):
   raise ValueError(f"Masks are bool, uint8 (0/255) or float in [0, 1], got {mask.dtype}.")
 
 
+def read_mask(mask, shape=None):
+  """bool[H, W] of a mask given as an array (> 0 inside), an image path (channel 0 > 0)
+  or COCO RLE {"size": [H, W], "counts"}; `shape` (H, W), if given, is checked."""
+  if isinstance(mask, dict):
+    from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
+    rle = dict(mask)
+    if isinstance(rle.get("counts"), list):  # Uncompressed RLE, as COCO's iscrowd masks.
+      rle = mask_utils.frPyObjects(rle, *rle["size"])
+    out = mask_utils.decode(rle).astype(bool)
+  elif isinstance(mask, str):
+    with Image.open(mask) as im:
+      out = np.asarray(im)
+    out = (out[..., 0] if out.ndim == 3 else out) > 0
+  else:
+    out = np.asarray(mask)
+    out = (out[..., 0] if out.ndim == 3 else out) > 0
+  if shape is not None and out.shape != tuple(shape):
+    raise ValueError(f"Mask of shape {out.shape} for an image of {tuple(shape)}: a ground-truth "
+                     "mask must have the image's own size.")
+  return out
+
+
 def crop_and_resize(mask, box):
   """float32[64, 64] in [0, 1]: `mask` cropped to `box` (y1, x1, y2, x2) in [0, 1] as
   big_vision rounds it, resized with tf.image.resize (bilinear, antialias)."""
@@ -347,10 +379,13 @@ def crop_and_resize(mask, box):
   return resized.numpy()[0, :, :, 0] / 255.0
 
 
-def mask_to_suffix(vae, mask, box):
-  """`<loc>`x4 + `<seg>`x16 (no spaces) of a full-image mask [H, W] inside `box`
-  (y1, x1, y2, x2) in [0, 1], as big_vision's refcoco_mask2str."""
-  codes = np.asarray(encode_masks(vae, crop_and_resize(mask, box)[None]))[0]
+def mask_codes(vae, mask, box):
+  """int32[16] codes of a full-image mask [H, W] inside `box` (y1, x1, y2, x2) in [0, 1]."""
+  return np.asarray(encode_masks(vae, crop_and_resize(mask, box)[None]))[0]
+
+
+def codes_to_suffix(codes, box):
+  """`<loc>`x4 of `box` (y1, x1, y2, x2) in [0, 1] + `<seg>`x16 of `codes`, no spaces."""
   # big_vision bins the float32 box in float32 (tf.round, half to even like np.round);
   # box_to_loc works in float64, which can differ by one bin on a .5 boundary.
   bins = np.clip(np.round(np.float32(box) * np.float32(tokenizer_lib.LOC_FACTOR)),
@@ -359,18 +394,50 @@ def mask_to_suffix(vae, mask, box):
           + "".join(tokenizer_lib.seg_piece(c) for c in codes))
 
 
-def _parse_object(part):
-  """(label, int loc bins[4], int codes[16]) of one object, or None if malformed."""
-  match = _SEG_OBJECT_RE.match(part)
-  if not match:
-    return None
-  bins = [int(b) for b in _LOC_RE.findall(match.group(1))]
-  codes = [int(c) for c in _SEG_RE.findall(match.group(2))]
-  if max(bins) >= tokenizer_lib.NUM_LOC or max(codes) >= tokenizer_lib.NUM_SEG:
-    return None
-  if bins[2] <= bins[0] or bins[3] <= bins[1]:
-    return None
-  return match.group(3).strip(), bins, codes
+def mask_to_suffix(vae, mask, box):
+  """`<loc>`x4 + `<seg>`x16 (no spaces) of a full-image mask [H, W] inside `box`
+  (y1, x1, y2, x2) in [0, 1], as big_vision's refcoco_mask2str."""
+  return codes_to_suffix(mask_codes(vae, mask, box), box)
+
+
+class SuffixEncoder:
+  """Segmentation targets for a data source: the VAE at `vae_path` loaded on first use
+  (sources are built before training starts; a process that never reads an example
+  never loads it), thread-safe. `cache=True` keeps the codes of each distinct crop, for
+  data whose crops repeat (the synthetic shapes)."""
+
+  def __init__(self, vae_path, cache=False):
+    if not vae_path:
+      raise ValueError("A segmentation source needs `vae`: the path of big_vision's "
+                       "vae-oid.npz (or \"shapes\" for the demo's VAE).")
+    self.vae_path, self._vae, self._cache = vae_path, None, {} if cache else None
+    self._lock = threading.Lock()
+
+  @property
+  def vae(self):
+    with self._lock:
+      if self._vae is None:
+        self._vae = load_vae(self.vae_path)
+    return self._vae
+
+  def codes(self, mask, box):
+    """int32[16] codes of a full-image mask inside `box` (see `mask_codes`)."""
+    if self._cache is None:
+      return mask_codes(self.vae, mask, box)
+    mask = np.asarray(mask)
+    h, w = mask.shape[:2]
+    y1, x1, y2, x2 = (int(np.round(v * s)) for v, s in zip(box, (h, w, h, w)))
+    key = (mask[y1:y2, x1:x2].tobytes(), mask.dtype.str, y2 - y1, x2 - x1)
+    if key not in self._cache:
+      self._cache[key] = mask_codes(self.vae, mask, box)
+    return self._cache[key]
+
+  def __call__(self, masks, boxes, labels):
+    """`<loc>x4<seg>x16 label ; ...` of full-image masks with their boxes and labels."""
+    if not len(masks) == len(boxes) == len(labels):
+      raise ValueError(f"{len(masks)} masks, {len(boxes)} boxes and {len(labels)} labels.")
+    return " ; ".join(f"{codes_to_suffix(self.codes(m, b), b)} {l}".rstrip()
+                      for m, b, l in zip(masks, boxes, labels))
 
 
 def parse_segmentation(text, vae, height, width):
@@ -383,15 +450,10 @@ def parse_segmentation(text, vae, height, width):
   objects, inverted boxes, codes beyond the codebook and boxes that vanish in pixels
   are counted in `invalid` and left out, never raised.
   """
-  parsed, invalid = [], 0
-  for part in text.split(";"):
-    if not part.strip():
-      continue
-    obj = _parse_object(part)
-    if obj is None or max(obj[2]) >= vae.codebook_size:
-      invalid += 1
-      continue
-    parsed.append(obj)
+  parsed, invalid = tokenizer_lib.parse_objects(text, segments=True)
+  beyond = [obj for obj in parsed if max(obj[2]) >= vae.codebook_size]
+  parsed = [obj for obj in parsed if max(obj[2]) < vae.codebook_size]
+  invalid += len(beyond)
   if not parsed:
     return [], invalid
   logits = np.asarray(decode_codes(vae, np.array([codes for _, _, codes in parsed], np.int32)))

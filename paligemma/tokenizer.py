@@ -15,7 +15,8 @@ same factor, so a round trip is exact to within half a bin.
 
 Detection strings: objects joined by " ; ", each four `<locNNNN>` tokens and a label
 (`detection_string` writes them, `parse_detections` reads them back; the one format
-used by the data sources, the evaluators and `predict`).
+used by the data sources, the evaluators and `predict`). Segmentation strings put 16
+`<segNNN>` tokens between the boxes and the labels; `parse_objects` reads both kinds.
 """
 
 import os
@@ -32,7 +33,9 @@ TINY_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "tiny_tokeniz
 
 _SPECIALS = {PAD_ID: "pad", EOS_ID: "eos", BOS_ID: "bos", UNK_ID: "unk"}
 _LOC_RE = re.compile(r"<loc(\d{4})>")
-_OBJECT_RE = re.compile(r"^\s*((?:<loc\d{4}>){4})\s*([^<>;]*?)\s*$")
+_SEG_RE = re.compile(r"<seg(\d{3})>")
+# Four loc tokens, optionally 16 seg tokens (no spaces between tokens), then the label.
+_OBJECT_RE = re.compile(r"^\s*((?:<loc\d{4}>){4})((?:<seg\d{3}>){16})?\s*([^<>;]*?)\s*$")
 
 
 def loc_piece(i):
@@ -162,22 +165,38 @@ def detection_string(boxes, labels):
   return " ; ".join(f"{box_to_loc(b)} {label}" for b, label in zip(boxes, labels))
 
 
-def parse_detections(text):
-  """([(label, float64[4] box in [0, 1])], number of malformed objects) of a detection
-  string. Malformed objects (missing or extra loc tokens, no label, text around, an
-  empty or inverted box) are counted and left out, never fatal: model outputs are
-  parsed with this."""
+def parse_objects(text, *, segments=False):
+  """([(label, int loc bins[4], int seg codes[16] or None)], number malformed) of a
+  detection (segments=False) or segmentation (segments=True) string.
+
+  Objects are joined by " ; ". Detection objects need a label and no seg tokens;
+  segmentation objects need exactly 16 seg tokens right after the loc tokens, and may
+  have an empty label (RefCOCO answers have none). Malformed objects (missing or extra
+  tokens, text around them, loc bins beyond 1023, an empty or inverted box) are
+  counted and left out, never fatal: model outputs are parsed with this."""
   objects, malformed = [], 0
   for part in text.split(";"):
     if not part.strip():
       continue
     match = _OBJECT_RE.match(part)
-    if not match or not match.group(2):
+    label = match.group(3) if match else ""
+    if not match or bool(match.group(2)) != segments or not (label or segments):
       malformed += 1
       continue
-    box = loc_to_box(match.group(1))
-    if box[2] <= box[0] or box[3] <= box[1]:
+    bins = [int(b) for b in _LOC_RE.findall(match.group(1))]
+    if max(bins) > LOC_FACTOR or bins[2] <= bins[0] or bins[3] <= bins[1]:
       malformed += 1
       continue
-    objects.append((match.group(2), box))
+    codes = [int(c) for c in _SEG_RE.findall(match.group(2))] if segments else None
+    if codes and max(codes) >= NUM_SEG:
+      malformed += 1
+      continue
+    objects.append((label, bins, codes))
   return objects, malformed
+
+
+def parse_detections(text):
+  """([(label, float64[4] box in [0, 1])], number of malformed objects) of a detection
+  string (see `parse_objects`)."""
+  objects, malformed = parse_objects(text)
+  return [(label, np.array(bins, np.float64) / LOC_FACTOR) for label, bins, _ in objects], malformed

@@ -85,3 +85,19 @@ def test_load_for_inference_errors(tmp_path, random_workdir):
   model, params, tok, run_config = predict.load_for_inference(random_workdir)
   assert model.img.image_size == 32 and tok.vocab_size == 1920
   assert run_config["input"]["text_len"] == 12
+
+
+def test_predict_segment_prompt_needs_a_vae_and_draws(random_workdir, tmp_path):
+  """Plumbing of segment prompts (the trained demo's masks: test_shapes_demo.py)."""
+  paths = [p for p, _ in _fresh_images(str(tmp_path), "caption", 2)]
+  args = ["--checkpoint", random_workdir, "--image", *paths, "--prompt", "segment circle",
+          "--max_decode_len", "4"]
+  with pytest.raises(SystemExit, match="--vae"):
+    predict.main(args)  # The workdir's config names no VAE.
+  out = predict.main(args + ["--vae", "shapes", "--json", "--out", str(tmp_path / "out")])
+  assert [r["image"] for r in out] == paths
+  for rec in out:  # A random model writes no valid object; each is counted, none fatal.
+    assert rec["boxes"] == [] and rec["malformed"] >= 0 and "objects" not in rec
+    assert Image.open(rec["annotated"]).size == (32, 32)
+  assert predict.run_vae({"evals": {"seg": {"type": "segmentation", "vae": "v.npz"}}}) == "v.npz"
+  assert predict.run_vae({"input": {"data": {"name": "shapes", "vae": "shapes"}}}) == "shapes"

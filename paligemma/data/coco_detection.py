@@ -60,8 +60,12 @@ def _warn_dropped(annotations, dropped):
 
 
 def read(annotations, images, classes=None, ask="present", shuffle_objects=False, seed=0,
-         skip_crowd=True, keep_empty=False):
-  """(examples, annotation ids of the dropped empty boxes) of a COCO instances json."""
+         skip_crowd=True, keep_empty=False, segmentations=False):
+  """(examples, annotation ids of the dropped empty boxes) of a COCO instances json.
+
+  segmentations=True: each object also keeps its annotation's `segmentation` (polygons
+  or RLE, as in the json) and each example its image's `height` and `width`, for
+  `paligemma.data.coco_segmentation`."""
   if ask not in ASK:
     raise ValueError(f"`ask` must be one of {ASK}, got {ask!r}.")
   if not os.path.isdir(images):
@@ -81,16 +85,21 @@ def read(annotations, images, classes=None, ask="present", shuffle_objects=False
     name = cat_names.get(ann["category_id"])
     if name not in rank or (skip_crowd and ann.get("iscrowd", 0)):
       continue
-    objects.setdefault(ann["image_id"], []).append((name, ann["bbox"], ann.get("id")))
+    if segmentations and not ann.get("segmentation"):
+      continue  # No mask to learn from.
+    objects.setdefault(ann["image_id"], []).append((name, ann["bbox"], ann.get("id"),
+                                                    ann.get("segmentation")))
   out, dropped = [], []
   for img in sorted(data["images"], key=lambda im: im["id"]):
     objs = []
-    for name, bbox, ann_id in objects.get(img["id"], []):
+    for name, bbox, ann_id, segmentation in objects.get(img["id"], []):
       box = clip_box(bbox, img["width"], img["height"])
       if box is None:
         dropped.append(ann_id)
         continue
       objs.append({"label": name, "box": box})
+      if segmentations:
+        objs[-1]["segmentation"] = segmentation
     if shuffle_objects:
       rng = np.random.default_rng([seed, int(img["id"])])
       objs = [objs[i] for i in rng.permutation(len(objs))]
@@ -104,6 +113,8 @@ def read(annotations, images, classes=None, ask="present", shuffle_objects=False
     out.append(dict(image=os.path.join(images, img["file_name"]),
                     prefix="detect " + " ; ".join(asked), suffix=suffix,
                     id=str(img["id"]), references=[suffix], objects=objs))
+    if segmentations:
+      out[-1].update(height=img["height"], width=img["width"])
   _warn_dropped(annotations, dropped)
   return out, dropped
 

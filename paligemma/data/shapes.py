@@ -9,12 +9,19 @@ every machine and at every access; train and evaluation sets use different seeds
   task="detect"   prefix "detect circle ; square ; triangle" (every shape kind, always),
                   suffix "<loc..>x4 circle ; ..." ordered by kind as in the prefix,
                   then top to bottom
+  task="segment"  prefix "segment circle" (the kind of a shape in the image), suffix
+                  "<loc..>x4<seg..>x16 circle" for every shape of that kind, top to
+                  bottom, joined by " ; "; the 16 codes are the mask encoded by the VAE
+                  at `vae` (default "shapes": the demo's VAE, paligemma/assets/
+                  shapes_vae.npz, made by `paligemma.assets.make_shapes_vae`)
 
 Shapes do not overlap; each side is a fraction `size` = (low, high) of the image side
-(uniform in the range), divided by sqrt(number of shapes). Extra field `objects`: [{"label", "colour", "box": [y1, x1, y2, x2] in [0, 1]}].
+(uniform in the range), divided by sqrt(number of shapes). Extra field `objects`:
+[{"label", "colour", "box": [y1, x1, y2, x2] in [0, 1]}]; the segment task adds each
+object's "mask" (bool[H, W], the shape's own pixels) and keeps only the asked kind.
 
 Config: {"name": "shapes", "task": "caption", "num_examples": 1000, "seed": 0,
-"image_size": 224, "max_shapes": 1, "size": [0.3, 0.5]}.
+"image_size": 224, "max_shapes": 1, "size": [0.3, 0.5], "vae": "shapes"}.
 """
 
 import numpy as np
@@ -26,14 +33,26 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
            "yellow": (235, 205, 20)}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (255, 255, 255)
-TASKS = ("caption", "detect")
+TASKS = ("caption", "detect", "segment")
+
+
+def draw_shape(draw, kind, x, y, side, fill):
+  """Draws shape `kind` filling the square of `side` pixels at (x, y) on a PIL ImageDraw."""
+  xy = (x, y, x + side - 1, y + side - 1)
+  if kind == "circle":
+    draw.ellipse(xy, fill=fill)
+  elif kind == "square":
+    draw.rectangle(xy, fill=fill)
+  else:
+    draw.polygon([(x + side / 2, y), (x, y + side - 1), (x + side - 1, y + side - 1)], fill=fill)
 
 
 class ShapesSource:
   """Sequence of synthetic shape examples (see the module docstring)."""
 
   def __init__(self, task="caption", num_examples=1000, seed=0, image_size=224,
-               max_shapes=1, colours=tuple(COLOURS), shapes=SHAPES, size=(0.3, 0.5)):
+               max_shapes=1, colours=tuple(COLOURS), shapes=SHAPES, size=(0.3, 0.5),
+               vae="shapes"):
     if task not in TASKS:
       raise ValueError(f"shapes `task` must be one of {TASKS}, got {task!r}.")
     if num_examples < 1:
@@ -50,6 +69,10 @@ class ShapesSource:
     self.image_size, self.max_shapes = int(image_size), int(max_shapes)
     self.colours, self.shapes = list(colours), list(shapes)
     self.size = (float(size[0]), float(size[1]))
+    if task == "segment":
+      from paligemma import segmentation  # pylint: disable=g-import-not-at-top
+      # A shape's crop depends only on its kind and side: a run encodes a few dozen.
+      self._encode = segmentation.SuffixEncoder(vae, cache=True)
 
   def __len__(self):
     return self.num_examples
@@ -60,7 +83,13 @@ class ShapesSource:
     index %= self.num_examples
     rng = np.random.default_rng([self.seed, index])
     image, objects = self._draw(rng)
-    if self.task == "caption":
+    if self.task == "segment":
+      kind = objects[int(rng.integers(len(objects)))]["label"]
+      objects = sorted((o for o in objects if o["label"] == kind), key=lambda o: o["box"])
+      prefix = f"segment {kind}"
+      suffix = self._encode([o["mask"] for o in objects], [o["box"] for o in objects],
+                            [kind] * len(objects))
+    elif self.task == "caption":
       prefix = "caption en"
       objects = sorted(objects, key=lambda o: (o["box"][0], o["box"][1]))
       suffix = " and ".join(f"a {o['colour']} {o['label']}" for o in objects)
@@ -90,20 +119,18 @@ class ShapesSource:
       else:
         continue  # No room: fewer shapes.
       taken.append((y, x, y + side, x + side))
-      xy = (x, y, x + side - 1, y + side - 1)
-      if kind == "circle":
-        draw.ellipse(xy, fill=COLOURS[colour])
-      elif kind == "square":
-        draw.rectangle(xy, fill=COLOURS[colour])
-      else:
-        draw.polygon([(x + side / 2, y), (x, y + side - 1), (x + side - 1, y + side - 1)],
-                     fill=COLOURS[colour])
+      draw_shape(draw, kind, x, y, side, COLOURS[colour])
       box = [y / s, x / s, (y + side) / s, (x + side) / s]
       objects.append({"label": kind, "colour": colour, "box": box})
+      if self.task == "segment":
+        mask = Image.new("L", (s, s), 0)
+        draw_shape(ImageDraw.Draw(mask), kind, x, y, side, 255)
+        objects[-1]["mask"] = np.asarray(mask) > 0
     return np.asarray(img, np.uint8), objects
 
 
 def make(task="caption", num_examples=1000, seed=0, image_size=224, max_shapes=1,
-         colours=tuple(COLOURS), shapes=SHAPES, size=(0.3, 0.5)):
+         colours=tuple(COLOURS), shapes=SHAPES, size=(0.3, 0.5), vae="shapes"):
   """Source of synthetic shape examples."""
-  return ShapesSource(task, num_examples, seed, image_size, max_shapes, colours, shapes, size)
+  return ShapesSource(task, num_examples, seed, image_size, max_shapes, colours, shapes, size,
+                      vae)

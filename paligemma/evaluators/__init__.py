@@ -35,7 +35,7 @@ Context arguments of `make_evaluator` (the run's, not the evaluator's):
   antialias        resize with antialiasing (default True), the run's input.antialias
 
 Metrics are floats; fractions in [0, 1] (accuracies, mAP, IoU), pycocoevalcap's scale
-for CIDEr etc. Registry: perplexity, caption, exact_match, vqa, detection.
+for CIDEr etc. Registry: perplexity, caption, exact_match, vqa, detection, segmentation.
 """
 
 import importlib
@@ -47,6 +47,7 @@ REGISTRY = {
     "exact_match": "exact_match:ExactMatchEvaluator",
     "vqa": "vqa:VqaEvaluator",
     "detection": "detection:DetectionEvaluator",
+    "segmentation": "segmentation:SegmentationEvaluator",
 }
 
 
