@@ -46,6 +46,12 @@ stream without reading what comes before. Skipped examples take a place in the s
 but not in a batch, so the trainer resumes from the `position` of the last example it
 trained on + 1 (stored in its checkpoints), not from step * B.
 
+Streams (sources with `is_stream`, e.g. `hf` with streaming=True): no random access, so
+epoch e is the stream's own shuffled order for (seed, e) (`source.stream(seed, e)`),
+and process p of P keeps every P-th example from the p-th, cut to len(source) // P as
+above; positions count the same way, and a resume at position n re-reads (without
+decoding images) the n examples before it in that epoch. Training only.
+
 Bad data: an unreadable image (missing, corrupt, not an image, a decompression bomb) is
 skipped, counted in `Input.stats` and named in a warning; with on_bad_image="raise" it
 stops the run instead. Over-long training examples are truncated, flagged (`truncated`)
@@ -54,6 +60,7 @@ separator raises, naming the example.
 """
 
 import dataclasses
+import itertools
 import json
 import logging
 import threading
@@ -239,6 +246,46 @@ def train_indices(num_examples, seed, process_index, process_count, start=0, num
     epoch, offset = epoch + 1, 0
 
 
+class _StreamReader:
+  """A stream read ahead by the index stream: `positions(...)` stores each example under
+  its stream position and yields the position, which the map then takes (once) with
+  `reader[position]`; what is held is only what tf.data has in flight."""
+
+  def __init__(self, stream):
+    self.stream = stream
+    self._held = {}
+
+  def __len__(self):
+    return len(self.stream)
+
+  def __getitem__(self, position):
+    return self._held.pop(int(position))
+
+  def __repr__(self):
+    return repr(self.stream)
+
+  def positions(self, seed, process_index, process_count, start=0, num_epochs=None):
+    per = len(self.stream) // process_count
+    if per < 1:
+      raise ValueError(f"{len(self.stream)} examples cannot be shared by {process_count} "
+                       "processes.")
+    epoch, offset = divmod(int(start), per)
+    position = int(start)
+    while num_epochs is None or epoch < num_epochs:
+      mine = itertools.islice(self.stream.stream(seed, epoch), process_index,
+                              per * process_count, process_count)
+      read = offset
+      for ex in itertools.islice(mine, offset, None):
+        self._held[position] = ex
+        yield position
+        position, read = position + 1, read + 1
+      if read < per:
+        raise ValueError(f"{self.stream!r}: epoch {epoch} had fewer examples than its stated "
+                         f"length {len(self.stream)}; set the source's `num_examples` to "
+                         "at most the real count.")
+      epoch, offset = epoch + 1, 0
+
+
 def eval_indices(num_examples, local_batch, process_index, process_count):
   """list[int] this process's indices in source order, padded with -1 to whole batches."""
   mine = list(range(process_index, num_examples, process_count))
@@ -273,6 +320,9 @@ def make_train_input(source, tokenizer, *, image_size, text_len, batch_size, see
   stats = Stats()
   start = int(start_step) * local if start_position is None else int(start_position)
   indices = lambda: train_indices(len(source), seed, p, count, start, num_epochs)
+  if getattr(source, "is_stream", False):
+    source = _StreamReader(source)
+    indices = lambda: source.positions(seed, p, count, start, num_epochs)
   ds = _build(indices, source, tokenizer, image_size, text_len, "train", stats, on_bad_image,
               max_pixels, antialias, start)
   ds = ds.filter(_is_ok).map(_train_keys)
@@ -286,6 +336,10 @@ def make_eval_input(source, tokenizer, *, image_size, text_len, batch_size,
                     max_pixels=images.MAX_PIXELS, antialias=True, prefetch=2):
   """Evaluation `Input`: each example once, in order, last batch padded (`valid`)."""
   source = sources.make_source(source)
+  if getattr(source, "is_stream", False):
+    raise ValueError(f"{source!r} is a stream, which serves training only; evaluate on the "
+                     "dataset loaded without `streaming` (a `split` such as "
+                     "\"validation[:1000]\" keeps it small).")
   p, count = _processes(process_index, process_count)
   local = _local_batch(batch_size, count)
   stats = Stats()

@@ -15,7 +15,13 @@ data twice. Images are read lazily by the pipeline, so building a source only pa
 annotation files.
 
 `make_source({"name": ..., **options})` builds one; the options of each name are the
-keyword arguments of its `make` function (see the module of that name).
+keyword arguments of its `make` function (see the module of that name). A list of
+source configs, each with an optional `weight`, is a mixture of them (mixture.py), the
+same as {"name": "mixture", "sources": [...]}.
+
+A stream (`is_stream = True`, e.g. an `hf` source with streaming=True) has a length but
+no random access: it yields its examples in order (`stream(seed, epoch)`); the pipeline
+reads it for training only (pipeline.py, "Streams").
 """
 
 import json
@@ -28,8 +34,12 @@ SOURCES = {
     "jsonl": "jsonl",
     "flickr8k": "flickr8k",
     "coco_detection": "coco_detection",
+    "coco_segmentation": "coco_segmentation",
+    "refcoco": "refcoco",
     "vqa": "vqa",
     "shapes": "shapes",
+    "hf": "hf_datasets",
+    "mixture": "mixture",
 }
 
 
@@ -53,9 +63,13 @@ class ListSource:
 
 
 def make_source(config):
-  """A source from a config dict {"name": ..., **options}; a source passes through."""
+  """A source from a config dict {"name": ..., **options} or a list of them (a mixture);
+  a source passes through."""
+  if isinstance(config, (list, tuple)):
+    config = {"name": "mixture", "sources": list(config)}
   if not isinstance(config, dict) and not hasattr(config, "keys"):
-    if hasattr(config, "__getitem__") and hasattr(config, "__len__"):
+    if getattr(config, "is_stream", False) or (
+        hasattr(config, "__getitem__") and hasattr(config, "__len__")):
       return config  # Already a source.
     raise TypeError(f"A data source config is a dict with a `name`, got {type(config).__name__}.")
   options = dict(config)
