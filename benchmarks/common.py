@@ -158,3 +158,23 @@ def run_sides(script, preset, out, extra=()):
 
 def _fmt(v):
   return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def cli(doc, script, ours, theirs):
+  """The command line every side-by-side benchmark shares: --preset, --quick, --out, and
+  --side (internal: one side in this process). Returns run_sides' results when it ran
+  both sides, None when it ran one."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
+  parser.add_argument("--side", choices=("ours", "theirs"))
+  parser.add_argument("--quick", action="store_true", help="one timed step (CI)")
+  parser.add_argument("--out", help="append the results as one JSON line to this file")
+  args = parser.parse_args()
+  if args.side:
+    preset = preset_from_args(args.preset, args.quick)
+    print(json.dumps(ours(preset) if args.side == "ours" else theirs(preset)))
+    return None
+  results, _ = run_sides(os.path.abspath(script), args.preset, args.out,
+                         ["--quick"] if args.quick else [])
+  return args, results

@@ -11,8 +11,6 @@ image positions, work the loss does not need, which is not counted. --quick time
 step after the warm-up (CI); the figures are noisier.
 """
 
-import argparse
-import json
 import os
 import sys
 
@@ -104,19 +102,10 @@ def theirs(preset):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="cpu-small", choices=sorted(common.PRESETS))
-  parser.add_argument("--side", choices=("ours", "theirs"))
-  parser.add_argument("--quick", action="store_true", help="one timed step (CI)")
-  parser.add_argument("--out", help="append the results as one JSON line to this file")
-  args = parser.parse_args()
-  if args.side:
-    preset = common.preset_from_args(args.preset, args.quick)
-    result = ours(preset) if args.side == "ours" else theirs(preset)
-    print(json.dumps(result))
+  ran = common.cli(__doc__, __file__, ours, theirs)
+  if ran is None:
     return
-  results, _ = common.run_sides(os.path.abspath(__file__), args.preset, args.out,
-                                ["--quick"] if args.quick else [])
+  _, results = ran
   flops = results["ours"]["flops_per_step"]
   theirs_sec = results["theirs"]["step_ms"] / 1e3
   print(f"  peak: of their own matmul peak, theirs reach "

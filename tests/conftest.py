@@ -42,6 +42,27 @@ def subprocess_env(devices=1, **extra):
   return env
 
 
+# The README's main command (tests/test_shapes_demo.py checks the README states it).
+SHAPES_COMMAND = "python -m paligemma.train --config transfers/shapes.py --workdir {workdir}"
+
+
+@pytest.fixture(scope="session")
+def shapes_workdir(tmp_path_factory):
+  """The workdir of SHAPES_COMMAND run as written (about 3 minutes on 2 cores), trained
+  once per session: test_shapes_demo checks the run, the browser demo test serves it."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("shapes_demo"))
+  command = SHAPES_COMMAND.format(workdir=workdir).split()
+  assert command[0] == "python"
+  out = subprocess.run([sys.executable, *command[1:], "--config.progress=False"], cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"),
+                       capture_output=True, text=True, timeout=1500)
+  if out.returncode:
+    raise AssertionError(f"{command} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+  return workdir
+
+
 @pytest.fixture(scope="session")
 def tok():
   """The tiny tokenizer (paligemma/assets/tiny_tokenizer.model)."""
@@ -50,9 +71,9 @@ def tok():
 
 # Marked by module: end-to-end runs and subprocess trainings; the transformers reference.
 SLOW = ("test_train", "test_readme", "test_notebook", "test_multidevice", "test_multiprocess",
-        "test_shapes_demo", "test_benchmarks")
+        "test_shapes_demo", "test_benchmarks", "test_train_lora", "test_demo_browser")
 TORCH = ("test_model_parity", "test_checkpoint_hf", "test_checkpoint_logits", "test_segmentation",
-         "test_checkpoint_convert", "test_benchmarks")
+         "test_checkpoint_convert", "test_benchmarks", "test_checkpoint_peft")
 
 
 def pytest_collection_modifyitems(items):

@@ -25,7 +25,6 @@ from paligemma.checkpoint import tree
 from paligemma.models import build
 from conftest import random_params, tiny_model_config
 
-pytestmark = pytest.mark.torch  # transformers + peft are the reference.
 
 TOL = 1e-4
 RECIPE = ["q_proj", "o_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]

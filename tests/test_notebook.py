@@ -2,13 +2,15 @@
 
 Smoke mode (PALIGEMMA_SMOKE=1) runs the very cells a Colab user runs, on the shapes
 demo's tiny model and data: install skipped, a random tiny checkpoint instead of the
-Kaggle download, a jsonl written from the shapes generator, a short training run,
-predictions before and after, the loss plot, and the .npz / Hugging Face export.
+Kaggle download, a jsonl written from the shapes generator, a short training run (LoRA
+adapters, and the attention layers), predictions before and after, the loss plot, and
+the .npz / Hugging Face export.
 """
 
 import json
 import os
 
+import pytest
 import nbclient  # The `test` extra installs nbclient, nbformat, ipykernel, matplotlib.
 import nbformat
 
@@ -26,10 +28,12 @@ def test_notebook_is_stored_without_outputs():
   assert nb.metadata.kernelspec.name == "python3"
 
 
-def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", ["1", "0"])  # LoRA adapters; the attention-layers recipe.
+def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch, lora):
   work = tmp_path / "work"
   # The kernel inherits this environment: smoke mode, its scratch folder, this checkout.
   monkeypatch.setenv("PALIGEMMA_SMOKE", "1")
+  monkeypatch.setenv("PALIGEMMA_LORA", lora)
   monkeypatch.setenv("PALIGEMMA_SMOKE_DIR", str(work))
   monkeypatch.setenv("PALIGEMMA_REPO", REPO)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
@@ -52,6 +56,9 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
   with open(work / "workdir" / "metrics.jsonl") as f:
     losses = [json.loads(l)["train/loss"] for l in f if "train/loss" in l]
   assert len(losses) >= 2
+  # A LoRA run ends with a PEFT adapter directory instead of params.npz.
+  assert (work / "workdir" / "adapter" / "adapter_config.json").exists() == (lora == "1")
+  assert (work / "workdir" / "params.npz").exists() == (lora == "0")
   # The plots (before/after captions, loss curve) reached the notebook as images.
   images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
             if "image/png" in o.get("data", {})]

@@ -77,8 +77,8 @@ def _small_evals(*names, decoding=()):
           [f"--config.evals.{n}.max_decode_len=8" for n in decoding])
 
 
-def _shapes_evals(n=8):
-  return [f"--config.evals.{e}.data.num_examples={n}" for e in ("val", "caption")]
+def _shapes_evals(n=8, evals=("val", "caption")):
+  return [f"--config.evals.{e}.data.num_examples={n}" for e in evals]
 
 
 def _exists(*paths):
@@ -120,7 +120,7 @@ RULES = [
     # /tmp/shapes is a workdir in the trainer's export layout with random weights.
     Rule("shapes demo", r"python -m paligemma\.train --config transfers/shapes\.py "
          r"--workdir /tmp/shapes", kind="mapped",
-         mapped=("tests/test_shapes_demo.py",
+         mapped=("tests/conftest.py",  # Its shapes_workdir fixture, which test_shapes_demo uses.
                  "python -m paligemma.train --config transfers/shapes.py --workdir {workdir}")),
     Rule("draw a shape", r"python -c \"from paligemma\.data import shapes; .*"
          r"save\('shape\.png'\)\"", check=_exists("shape.png")),
@@ -156,6 +156,53 @@ RULES = [
     Rule("coco to jsonl", r"python -m paligemma\.data\.coco_to_jsonl --annotations "
          r"\$COCO/annotations/instances_val2017\.json --images \$COCO/val2017 "
          r"--output /tmp/coco_val\.jsonl", check=_exists("tmp/coco_val.jsonl")),
+    # Segmentation: vae-oid.npz is a random VAE in the released layout and the COCO
+    # annotations carry polygons (_segmentation_data, _coco).
+    Rule("coco segmentation", r"python -m paligemma\.train --config "
+         r"transfers/coco_segmentation\.py:annotations=\$COCO/annotations/instances_train2017\.json,"
+         r"images=\$COCO/train2017,val_annotations=\$COCO/annotations/instances_val2017\.json,"
+         r"val_images=\$COCO/val2017,vae=vae-oid\.npz,tokenizer=\$TOKENIZER --workdir /tmp/cocoseg",
+         extra=(*TINY_TOWERS, *SHORT_RUN, *_small_evals("val", "segment", decoding=["segment"])),
+         check=_exists("tmp/cocoseg/params.npz")),
+    Rule("coco to jsonl segment", r"python -m paligemma\.data\.coco_to_jsonl --task segment "
+         r"--vae vae-oid\.npz --annotations \$COCO/annotations/instances_val2017\.json "
+         r"--images \$COCO/val2017 --output /tmp/coco_seg\.jsonl",
+         check=_exists("tmp/coco_seg.jsonl")),
+    Rule("refcoco seg", r"python -m paligemma\.train --config transfers/refcoco_seg\.py:"
+         r"train=refcoco_train\.jsonl,val=refcoco_val\.jsonl,vae=vae-oid\.npz,"
+         r"tokenizer=\$TOKENIZER --workdir /tmp/refcoco",
+         extra=(*TINY_TOWERS, *SHORT_RUN, *_small_evals("val", "segment", decoding=["segment"])),
+         check=_exists("tmp/refcoco/params.npz")),
+    # Its workdir is the segmentation demo's, run in full by tests/test_shapes_demo.py.
+    Rule("predict segment shapes", r"python -m paligemma\.predict --checkpoint /tmp/seg "
+         r"--image shape\.png --prompt \"segment square\" --out masks/ --json", kind="mapped",
+         mapped=("tests/test_shapes_demo.py", "transfers/shapes.py:task=segment",
+                 '"paligemma.predict"', '"--out"', '"--json"')),
+    # The `hf` recipes on tiny parquet folders in the Hub's layout (_hf_datasets) standing
+    # in for diffusers/tuxemon and a VQAv2 mirror.
+    Rule("tuxemon", r"python -m paligemma\.train --config transfers/tuxemon\.py:"
+         r"checkpoint=\$CKPT,tokenizer=\$TOKENIZER --workdir /tmp/tuxemon",
+         extra=(*TINY_TOWERS, *SHORT_RUN, "--config.input.data.path=hf/tuxemon",
+                "--config.input.data.split=train[:4]",
+                *[f"--config.evals.{e}.data.{k}={v}" for e in ("val", "caption")
+                  for k, v in (("path", "hf/tuxemon"), ("split", "train[4:]"))],
+                *_small_evals("val", "caption", decoding=["caption"])),
+         check=_exists("tmp/tuxemon/params.npz")),
+    Rule("vqav2 hf", r"python -m paligemma\.train --config transfers/vqav2_hf\.py:"
+         r"checkpoint=\$CKPT,tokenizer=\$TOKENIZER --workdir /tmp/vqav2",
+         extra=(*TINY_TOWERS, *SHORT_RUN, "--config.model.dtype=float32",
+                "--config.input.data.path=hf/vqav2", "--config.input.data.split=validation[2:]",
+                *[f"--config.evals.{e}.data.{k}={v}" for e in ("val", "vqa")
+                  for k, v in (("path", "hf/vqav2"), ("split", "validation[:2]"))],
+                *_small_evals("val", "vqa", decoding=["vqa"])),
+         check=_exists("tmp/vqav2/params.npz")),
+    # A server: tests/test_demo_browser.py starts it (on the real shapes workdir, with
+    # --compare) and drives it in Chromium.
+    Rule("demo", r"python -m paligemma\.demo --checkpoint /tmp/shapes", kind="mapped",
+         mapped=("tests/test_demo_browser.py", '"paligemma.demo"', '"--checkpoint"')),
+    Rule("demo compare", r"python -m paligemma\.demo --checkpoint \$CKPT --compare /tmp/tuxemon "
+         r"--tokenizer \$TOKENIZER", kind="mapped",
+         mapped=("tests/test_demo_browser.py", '"paligemma.demo"', '"--compare"')),
     Rule("predict detect", r"python -m paligemma\.predict --checkpoint \$CKPT --tokenizer "
          r"\$TOKENIZER --image cat\.jpg --prompt \"detect cat\" --out boxes/ --json "
          r"--sampler \"beam\(4\)\" --max_decode_len 64",
@@ -167,6 +214,26 @@ RULES = [
     Rule("convert kaggle", r"python -m paligemma\.convert \$CKPT pg2-hf/ --to hf "
          r"--dtype bfloat16 --tokenizer \$TOKENIZER",
          check=_stdout_has(r"^wrote .*\(hf\)", "pg2-hf/config.json")),
+    Rule("lora t4", r"python -m paligemma\.train --config transfers/lora_t4\.py:"
+         r"checkpoint=\$CKPT,data=data/train\.jsonl,tokenizer=\$TOKENIZER,quantize=nf4 "
+         r"--workdir /tmp/lora_t4", extra=(*TINY_TOWERS, *SHORT_RUN),
+         check=_exists("tmp/lora_t4/adapter/adapter_config.json")),
+    Rule("predict lora", r"python -m paligemma\.predict --checkpoint \$CKPT --adapter "
+         r"/tmp/lora_t4 --tokenizer \$TOKENIZER --image cat\.jpg --prompt \"caption en\"",
+         extra=("--max_decode_len", "8"), after=("lora t4",),
+         check=_stdout_has(r"^cat\.jpg\t")),
+    Rule("shapes lora", r"python -m paligemma\.train --config transfers/shapes_lora\.py:"
+         r"base=/tmp/shapes --workdir /tmp/shapes_lora",
+         extra=(*SHORT_RUN, *_shapes_evals(evals=("val", "detect"))),
+         check=_exists("tmp/shapes_lora/adapter/adapter_model.safetensors")),
+    Rule("evaluate shapes lora", r"python -m paligemma\.evaluate --config "
+         r"transfers/shapes_lora\.py --checkpoint /tmp/shapes --adapter /tmp/shapes_lora",
+         extra=("--progress=false", *_shapes_evals(evals=("val", "detect")),
+                "--config.evals.detect.max_decode_len=8"),
+         after=("shapes lora",), check=_exists("tmp/shapes_lora/eval/metrics.json")),
+    Rule("plan lora", r"python -m paligemma\.plan --config transfers/lora_t4\.py:size=28b,"
+         r"quantize=nf4 --config\.optim\.accum_steps=8 --device rtx4090",
+         extra=TINY_TOWERS, check=_stdout_has(r"^fits: (yes|NO)")),
     Rule("plan", r"python -m paligemma\.plan --config transfers/colab_t4\.py --device t4",
          extra=TINY_TOWERS, check=_stdout_has(r"^fits: (yes|NO)")),
     # tests/test_benchmarks.py runs these two with --quick (one timed repetition).
@@ -348,10 +415,30 @@ def _coco(root):
       _jpeg(os.path.join(root, split, f"{i:012d}.jpg"), seed=i)
       images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": 40, "height": 30})
       anns.append({"id": 10 + i, "image_id": i, "category_id": 17 + i % 2,
-                   "bbox": [2, 3, 20, 15], "area": 300, "iscrowd": 0})
+                   "bbox": [2, 3, 20, 15], "area": 300, "iscrowd": 0,
+                   "segmentation": [[2, 3, 22, 3, 22, 18, 2, 18]]})
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
       json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+
+
+def _segmentation_data(root):
+  """vae-oid.npz (random weights, the released layout, a small codebook) and RefCOCO-style
+  jsonl files with 0/255 PNG masks."""
+  from paligemma import segmentation  # pylint: disable=g-import-not-at-top
+  np.savez(os.path.join(root, "vae-oid.npz"), **segmentation.random_state_dict(0, 128, 16))
+  os.makedirs(os.path.join(root, "refcoco"))
+  for split in ("train", "val"):
+    lines = []
+    for i in range(3):
+      _jpeg(os.path.join(root, "refcoco", f"{split}{i}.jpg"), seed=i)
+      mask = np.zeros((30, 40), np.uint8)
+      mask[3 + i:20, 5:30 - i] = 255
+      Image.fromarray(mask).save(os.path.join(root, "refcoco", f"{split}{i}.png"))
+      lines.append(json.dumps({"image": f"refcoco/{split}{i}.jpg", "mask": f"refcoco/{split}{i}.png",
+                               "prefix": f"segment the thing {i}"}))
+    with open(os.path.join(root, f"refcoco_{split}.jsonl"), "w") as f:
+      f.write("\n".join(lines) + "\n")
 
 
 def _jsonl_data(root):
@@ -364,6 +451,16 @@ def _jsonl_data(root):
         Image.fromarray(ex["image"]).save(os.path.join(root, "data", "images", f"{split}{i}.png"))
         f.write(json.dumps({"image": f"images/{split}{i}.png", "prefix": ex["prefix"],
                             "suffix": ex["suffix"]}) + "\n")
+
+
+def _hf_datasets(root):
+  """Tiny parquet folders as the Hub holds diffusers/tuxemon and a VQAv2 mirror
+  (data/<split>-00000-of-00001.parquet), written by `datasets` (tests/test_data_hf.py)."""
+  import test_data_hf  # pylint: disable=g-import-not-at-top
+  for name, split, ds in (("tuxemon", "train", test_data_hf.tuxemon_like(6)[0]),
+                          ("vqav2", "validation", test_data_hf.vqav2_like(6))):
+    os.makedirs(os.path.join(root, "hf", name, "data"))
+    ds.to_parquet(os.path.join(root, "hf", name, "data", f"{split}-00000-of-00001.parquet"))
 
 
 def _shapes_workdir(workdir):
@@ -427,7 +524,9 @@ def readme_runs(tmp_path_factory):
   _kaggle_cache(os.path.join(root, "kagglehub"))
   _flickr8k(os.path.join(root, "flickr8k"))
   _coco(os.path.join(root, "coco"))
+  _segmentation_data(root)
   _jsonl_data(root)
+  _hf_datasets(root)
   _jpeg(os.path.join(root, "cat.jpg"), size=(64, 48))
   env = _environment(root)
 

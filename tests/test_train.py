@@ -205,13 +205,29 @@ def test_partial_checkpoint_write_is_ignored(reference, cache, tmp_path):
   np.testing.assert_allclose(_losses(workdir)[STEPS], _losses(reference)[STEPS], atol=1e-6)
 
 
+def run_on_devices(cache, workdir, devices, extra=(), arg=ARG):
+  """The CLI run on `devices` virtual CPU devices (tests/workers/train_on_devices.py)."""
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO, "tests", "workers", "train_on_devices.py"),
+       str(devices), *_command(workdir, arg=arg, extra=extra)[3:]],
+      cwd=REPO, env=_env(cache, devices=devices), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
+def check_resume_after_sigkill(cache, tmp_path, extra=(), arg=ARG):
+  """An uninterrupted run, and one killed at step 6 and resumed: the same losses (1e-6).
+  Returns the resumed workdir."""
+  reference, killed = tmp_path / "reference", tmp_path / "killed"
+  _run(cache, reference, extra=extra, arg=arg)
+  _interrupt(cache, killed, signal.SIGKILL, at_step=6, extra=extra, arg=arg)
+  _run(cache, killed, extra=extra, arg=arg)
+  _assert_same_losses(killed, reference)
+  return killed
+
+
 def test_four_devices_fsdp_same_losses(reference, cache, tmp_path):
   workdir = tmp_path / "fsdp4"
-  out = subprocess.run(
-      [sys.executable, os.path.join(REPO, "tests", "workers", "train_on_devices.py"), "4",
-       *_command(workdir)[3:]],
-      cwd=REPO, env=_env(cache, devices=4), capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
+  run_on_devices(cache, workdir, 4)
   want, got = _losses(reference), _losses(workdir)
   np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)],
                              rtol=0, atol=1e-5)

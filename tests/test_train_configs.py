@@ -12,7 +12,9 @@ from paligemma import train  # pylint: disable=g-import-not-at-top
 from paligemma import transfer_configs  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRANSFERS = ["shapes", "forkme", "flickr8k", "cococap", "coco_detection", "vqa", "colab_t4"]
+TRANSFERS = ["shapes", "forkme", "flickr8k", "cococap", "coco_detection", "coco_segmentation",
+             "refcoco_seg", "vqa", "colab_t4",
+             "tuxemon", "vqav2_hf", "lora_t4", "shapes_lora"]
 
 
 def _transfer(name, arg=None):
@@ -52,6 +54,18 @@ def test_shapes_detect_variant():
   config = _transfer("shapes", "task=detect")
   train.validate(config)
   assert config.input.data.task == "detect" and "detect" in config.evals
+
+
+def test_segmentation_recipes():
+  config = _transfer("shapes", "task=segment")
+  train.validate(config)
+  assert config.input.data.vae == "shapes" and config.evals.segment.type == "segmentation"
+  c = _transfer("refcoco_seg", "vae=/v/vae-oid.npz")  # big_vision's refcoco_seg.
+  assert (c.input.image_size, c.input.text_len, c.label_smoothing) == (448, 48, 0.3)
+  assert c.input.data.vae == c.evals.segment.vae == "/v/vae-oid.npz"
+  assert c.model_init.endswith("paligemma2-3b-pt-448")
+  assert _transfer("refcoco_seg", "res=224").model_init.endswith("pt-224")
+  assert _transfer("coco_segmentation").input.data.name == "coco_segmentation"
 
 
 def test_flickr8k_recipe():

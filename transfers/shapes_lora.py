@@ -12,8 +12,6 @@ adapters on the LLM's and the ViT's attention and MLP weights (targets "all") le
 (None | int8 | nf4: the frozen base stored so, QLoRA), evals.
 """
 
-import os
-
 from paligemma import transfer_configs
 
 
@@ -22,19 +20,19 @@ def get_config(arg=None):
                                    quantize="", evals=True)
   c = transfer_configs.base_config()
   c.model = transfer_configs.TINY_MODEL
-  c.model_init = os.path.join(arg.base, "params.npz")
+  c.model_init = f"{arg.base.rstrip('/')}/params.npz"
   c.input.image_size = 32
   c.input.text_len = 24
   c.input.batch_size = arg.batch_size
   c.input.data = dict(name="shapes", task="detect", num_examples=100_000, seed=0,
                       image_size=32)
-  c.total_steps = arg.steps or 1000
+  c.total_steps = arg.steps or 1500
 
   c.lora = dict(rank=arg.rank, alpha=float(arg.rank), dropout=0.0, targets="peft",
                 quantize=arg.quantize or None)
   c.schedule = "lora"
   c.optim.name = "adam"
-  c.optim.lr = 3e-3
+  c.optim.lr = 1e-2
   c.optim.schedule = dict(decay="cosine", warmup_percent=0.05)
 
   c.log_every = 25
