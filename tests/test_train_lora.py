@@ -60,3 +60,26 @@ def test_four_devices_fsdp_same_losses(reference, cache, tmp_path):
   want, got = _losses(reference), _losses(workdir)
   np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)],
                              rtol=0, atol=1e-5)
+
+
+def test_frozen_base_is_bit_identical_after_training(tmp_path, monkeypatch):
+  """From a checkpoint: what the run ends with is the file's weights, bit for bit, plus
+  adapters that moved."""
+  from paligemma import train  # pylint: disable=g-import-not-at-top
+  from paligemma.checkpoint.tree import flatten  # pylint: disable=g-import-not-at-top
+  from test_train import _in_process  # pylint: disable=g-import-not-at-top
+  _in_process(tmp_path / "base", arg="steps=1,batch_size=8,evals=False")
+  base = tmp_path / "base" / "params.npz"
+  ended = {}
+  monkeypatch.setattr(train, "export", lambda workdir, params, *a, **k: ended.update(
+      flatten(params)))
+  lora = dict(rank=4, alpha=4.0, targets="all", dropout=0.0, quantize=None)
+  _in_process(tmp_path / "lora", arg="steps=4,batch_size=8,evals=False", model_init=str(base),
+              lora=lora, schedule="lora")
+  with np.load(base) as f:
+    saved = {k: f[k] for k in f.files}
+  assert sorted(saved) == sorted(k for k in ended if not lora_lib.is_lora_leaf(k))
+  for k, v in saved.items():
+    assert np.array_equal(np.asarray(ended[k]), v), k
+  moved = [k for k in lora_lib.adapters(ended) if k.endswith("_lora_b") and np.any(ended[k])]
+  assert len(moved) == len(lora_lib.adapters(ended)) // 2  # Every B left zero.
