@@ -28,12 +28,14 @@ def test_notebook_is_stored_without_outputs():
   assert nb.metadata.kernelspec.name == "python3"
 
 
-@pytest.mark.parametrize("lora", ["1", "0"])  # LoRA adapters; the attention-layers recipe.
-def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch, lora):
+# LoRA adapters or the attention-layers recipe; captions, or masks drawn before and after.
+@pytest.mark.parametrize("lora,task", [("1", "caption"), ("0", "caption"), ("1", "segment")])
+def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch, lora, task):
   work = tmp_path / "work"
   # The kernel inherits this environment: smoke mode, its scratch folder, this checkout.
   monkeypatch.setenv("PALIGEMMA_SMOKE", "1")
   monkeypatch.setenv("PALIGEMMA_LORA", lora)
+  monkeypatch.setenv("PALIGEMMA_TASK", task)
   monkeypatch.setenv("PALIGEMMA_SMOKE_DIR", str(work))
   monkeypatch.setenv("PALIGEMMA_REPO", REPO)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
