@@ -60,18 +60,18 @@ class Loaded:
   vae: object = None
 
 
-def load(checkpoint, tokenizer=None, dtype=None, vae=None):
-  """`Loaded` checkpoint, as `python -m paligemma.predict` loads it; the VAE is `vae`
-  (a path, or "shapes"), else the one its training run used, if any."""
+def load(checkpoint, tokenizer=None, dtype=None, vae=None, adapter=None):
+  """`Loaded` checkpoint, as `python -m paligemma.predict` loads it (with a LoRA
+  `adapter` merged in, if given); the VAE is `vae` (a path, or "shapes"), else the one
+  its training run used, if any."""
   model, params, tok, run_config = predict_lib.load_for_inference(
-      checkpoint, tokenizer=tokenizer, dtype=dtype)
-  # (run_vae: predict.py's, with its segment support.)
-  vae = vae or (predict_lib.run_vae(run_config) if hasattr(predict_lib, "run_vae") else None)
+      checkpoint, tokenizer=tokenizer, dtype=dtype, adapter=adapter)
+  vae = vae or predict_lib.run_vae(run_config)
   if vae:
     from paligemma import segmentation  # pylint: disable=g-import-not-at-top
     vae = segmentation.load_vae(vae)
-  return Loaded(os.path.basename(os.path.normpath(str(checkpoint))) or str(checkpoint),
-                model, params, tok, vae)
+  name = os.path.basename(os.path.normpath(str(adapter or checkpoint))) or str(checkpoint)
+  return Loaded(name, model, params, tok, vae)
 
 
 def annotate(image_path, record):
@@ -171,6 +171,9 @@ def _parser():
                  "shown side by side")
   p.add_argument("--tokenizer", help="SentencePiece .model (default: as predict finds it)")
   p.add_argument("--compare_tokenizer", help="the --compare checkpoint's, if another")
+  p.add_argument("--adapter", help="a PEFT LoRA adapter (or LoRA run workdir) for --checkpoint")
+  p.add_argument("--compare_adapter", help="one for --compare (default --compare: "
+                 "--checkpoint, i.e. the base next to base + adapter)")
   p.add_argument("--names", nargs="+", metavar="NAME",
                  help="column titles (default: the checkpoints' folder names)")
   p.add_argument("--vae", help='segment prompts: the mask VQ-VAE (vae-oid.npz, or "shapes"); '
@@ -190,10 +193,10 @@ def main(argv=None):
     import gradio as gr  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise SystemExit("The demo needs Gradio: pip install -e \".[demo]\".") from None
-  models = [load(args.checkpoint, args.tokenizer, args.dtype, args.vae)]
-  if args.compare:
-    models.append(load(args.compare, args.compare_tokenizer or args.tokenizer, args.dtype,
-                       args.vae))
+  models = [load(args.checkpoint, args.tokenizer, args.dtype, args.vae, args.adapter)]
+  if args.compare or args.compare_adapter:
+    models.append(load(args.compare or args.checkpoint, args.compare_tokenizer or args.tokenizer,
+                       args.dtype, args.vae, args.compare_adapter))
     if models[0].name == models[1].name:
       models[0].name, models[1].name = args.checkpoint, args.compare
   for m, name in zip(models, args.names or ()):
