@@ -55,40 +55,10 @@ def ours(preset):
 def theirs(preset):
   import peft  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  from paligemma.checkpoint import names  # pylint: disable=g-import-not-at-top
-  from paligemma.models import build  # pylint: disable=g-import-not-at-top
-
-  torch.manual_seed(0)
-  dev = "cuda" if torch.cuda.is_available() else "cpu"
-  dtype = getattr(torch, preset["dtype"])
-  hf_config = transformers.PaliGemmaConfig(**names.to_hf_config(preset["model"], preset["dtype"]))
-  base = transformers.PaliGemmaForConditionalGeneration(hf_config).to(dev, dtype)
-  model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=8,
-                                                    target_modules=PEFT_MODULES)).train()
-  n = build.build_model(preset["model"]).num_image_tokens
-  batch = train_step._batch(preset)  # pylint: disable=protected-access
-  b = preset["batch"]
-  ids = torch.tensor(batch["text"][:, :-1])
-  ids = torch.cat([torch.full((b, n), hf_config.image_token_index), ids], 1).to(dev)
-  token_type = torch.cat([torch.zeros(b, n), torch.tensor(batch["mask_ar"][:, :-1])], 1)
-  labels = torch.where(token_type == 1, ids.cpu(), -100).to(dev)
-  inputs = dict(input_ids=ids, token_type_ids=token_type.long().to(dev), labels=labels,
-                pixel_values=torch.tensor(batch["image"].transpose(0, 3, 1, 2), device=dev,
-                                          dtype=dtype))
-  params = [p for p in model.parameters() if p.requires_grad]
-  opt = torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999))
-
-  def one():
-    loss = model(**inputs).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
-  sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
-  sec = common.timed(one, preset["steps"], sync)
-  return dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-              examples_per_s=b / sec, step_ms=1e3 * sec,
+  config = peft.LoraConfig(r=RANK, lora_alpha=8, target_modules=PEFT_MODULES)
+  sec, params = train_step.torch_steps(preset, lambda m: peft.get_peft_model(m, config), 1e-4)
+  dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+  return dict(device=dev, examples_per_s=preset["batch"] / sec, step_ms=1e3 * sec,
               trainable_params=float(sum(p.numel() for p in params)))
 
 

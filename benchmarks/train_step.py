@@ -64,7 +64,9 @@ def ours(preset):
               fraction_of_peak=flops / sec / peak)
 
 
-def theirs(preset):
+def torch_steps(preset, wrap=lambda model: model, lr=1e-5):
+  """(median seconds of an Adam step of transformers' PaliGemma on the preset's batch,
+  the trained parameters); `wrap` turns the model into the one trained (e.g. PEFT's)."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from paligemma.checkpoint import names  # pylint: disable=g-import-not-at-top
@@ -74,7 +76,7 @@ def theirs(preset):
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   dtype = getattr(torch, preset["dtype"])
   hf_config = transformers.PaliGemmaConfig(**names.to_hf_config(preset["model"], preset["dtype"]))
-  model = transformers.PaliGemmaForConditionalGeneration(hf_config).to(dev, dtype).train()
+  model = wrap(transformers.PaliGemmaForConditionalGeneration(hf_config).to(dev, dtype)).train()
   n = build.build_model(preset["model"]).num_image_tokens
   batch = _batch(preset)
   b = preset["batch"]
@@ -86,7 +88,8 @@ def theirs(preset):
                                           dtype=dtype),
                 token_type_ids=torch.tensor(token_type, device=dev).long(),
                 labels=torch.tensor(labels, device=dev))
-  opt = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.999))
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
 
   def one():
     loss = model(**inputs).loss
@@ -95,10 +98,16 @@ def theirs(preset):
     opt.zero_grad(set_to_none=True)
     return loss
   sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
-  sec = common.timed(one, preset["steps"], sync)
+  return common.timed(one, preset["steps"], sync), params
+
+
+def theirs(preset):
+  import torch  # pylint: disable=g-import-not-at-top
+  sec, _ = torch_steps(preset)
   peak = common.matmul_peak_flops("torch", preset["dtype"], preset["repeats"])
-  return dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-              examples_per_s=b / sec, step_ms=1e3 * sec, peak_matmul_flops_per_s=peak)
+  dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+  return dict(device=dev, examples_per_s=preset["batch"] / sec, step_ms=1e3 * sec,
+              peak_matmul_flops_per_s=peak)
 
 
 def main():

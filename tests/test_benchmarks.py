@@ -89,3 +89,14 @@ def test_matmul_flops_counts_scan_bodies_per_step():
   body = lambda c: (c[0] + 1, c[1] @ w[0])
   g = lambda x: jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
   assert common.matmul_flops(g, x, while_trips=3) == 3 * 2 * 4 * 8 * 8
+
+
+@needs_peer
+def test_lora_train_step_cpu_small(tmp_path):
+  stdout, rec = _run("lora_train_step.py", tmp_path / "results.jsonl")
+  # The same adapters on both sides: PEFT's module list is our targets "peft".
+  assert rec["ours"]["trainable_params"] == rec["theirs"]["trainable_params"] > 0
+  assert rec["ratios"]["examples_per_s"] > 0
+  gib = {m[0]: float(m[1]) for m in re.findall(r"(float16|nf4|int8) ([\d.]+) GiB",
+                                               stdout.splitlines()[-1])}
+  assert gib["nf4"] < gib["int8"] < gib["float16"], stdout  # PaliGemma 2 3B's frozen base.

@@ -245,6 +245,9 @@ RULES = [
          kind="mapped",
          mapped=("tests/test_benchmarks.py", '_run("decode.py"', '"--preset"', '"cpu-small"',
                  '"--out"')),
+    Rule("bench lora train step", r"python benchmarks/lora_train_step\.py --preset cpu-small "
+         r"--out results\.jsonl", kind="mapped",
+         mapped=("tests/test_benchmarks.py", '_run("lora_train_step.py"')),
     Rule("bench decode step", r"python benchmarks/decode_step_profile\.py --batch 16",
          extra=("--steps", "1"), check=_stdout_has(r"output_layer")),
     Rule("bench input", r"python benchmarks/input_pipeline\.py",
