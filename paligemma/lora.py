@@ -217,13 +217,6 @@ def adapters(params):
   return {k: v for k, v in params.items() if is_lora_leaf(k)}
 
 
-def count(params):
-  """(adapter parameters, all parameters) of a flat dict of arrays or shapes."""
-  size = lambda v: math.prod(v.shape)
-  lora = sum(size(v) for k, v in params.items() if is_lora_leaf(k))
-  return lora, sum(size(v) for v in jax.tree.leaves(params))
-
-
 def quantize_plan(name, shape, kind):
   """`lead` for quant.quantize of a frozen weight (its layer axes and the stack axes of
   its layout, so that the model can take one layer, and one projection, as a QArray),

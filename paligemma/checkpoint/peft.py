@@ -29,7 +29,7 @@ from paligemma.checkpoint import hf
 from paligemma.checkpoint import names
 from paligemma.checkpoint import shapes as shapes_lib
 from paligemma.checkpoint import tree
-from paligemma.checkpoint.source import CheckpointError, Leaf, Source
+from paligemma.checkpoint.source import CheckpointError, Leaf
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
