@@ -54,6 +54,7 @@ import weakref
 import jax
 import jax.numpy as jnp
 
+from paligemma import lora as lora_lib
 from paligemma import sharding
 from paligemma import tokenizer as tokenizer_lib
 from paligemma.models import gemma
@@ -257,6 +258,8 @@ class Decoder:
     """
     if layout is not None or rows < _HEAD_MIN_ROWS or jax.default_backend() != "cpu":
       return None  # (Sharded: decoding lays the embedding out over the mesh instead.)
+    if lora_lib.TOKENS_LEAF.rsplit("/", 1)[1] in params["llm"]["embedder"]:
+      return None  # Trainable token rows (LoRA, unmerged): the table changes as they train.
     emb = params["llm"]["embedder"]["input_embedding"]
     if isinstance(emb, jax.core.Tracer):
       return None  # Under a trace: nothing to keep; the caller's jit has the embedding.
@@ -296,7 +299,7 @@ def _logits(model, params, head, x):
   """float32[B, V] from the LLM's features float[B, D]: the tied output layer, through
   `head` float[D, V] (the embedding transposed) where the decoder made one."""
   if head is None:
-    return gemma.tied_logits(x, params["llm"]["embedder"]["input_embedding"], model.dtype,
+    return gemma.tied_logits(x, gemma.embedding(params, model.lora), model.dtype,
                              model.llm.final_logits_softcap)
   z = jnp.einsum("...D,DV->...V", x.astype(model.dtype), head.astype(model.dtype),
                  preferred_element_type=jnp.float32)

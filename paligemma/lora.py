@@ -19,6 +19,13 @@ config.lora (transfer configs), all optional but `rank`:
   dropout   on the adapter's input while training (PEFT's lora_dropout), default 0.
   targets   a preset of TARGETS or a regex over parameter names (full match).
   quantize  None | "int8" | "nf4": store the frozen matmul weights so (QLoRA is "nf4").
+  tokens    token ids whose embedding rows train too (PEFT's trainable_token_indices):
+            a list of ids, or "loc" (the 1024 `<locNNNN>` tokens), "seg" (the 128
+            `<segNNN>`), "loc+seg"; default none. The rows are the leaf TOKENS_LEAF
+            float[n, D], starting as the base's rows; they replace those rows of the
+            embedding in the input and in the tied output layer alike (as PEFT ties them).
+            New tokens, such as a caption model's `<loc>` rows on a detection task, need
+            them: the base's rows of tokens it never saw are noise, and frozen.
 """
 
 import dataclasses
@@ -59,7 +66,43 @@ LAYOUTS = (
     (_VIT + r"MlpBlock_0/Dense_1/kernel", "MD", "", "M"),
 )
 SUFFIXES = ("_lora_a", "_lora_b")
-_LORA_LEAF = re.compile(r".*_lora_[ab]")
+EMBEDDING = "llm/embedder/input_embedding"
+TOKENS_LEAF = EMBEDDING + "_lora_tokens"
+_LORA_LEAF = re.compile(r".*_lora_(a|b|tokens)")
+# The loc and seg tokens are the vocabulary's last 1024 + 128 (Gemma's 257152 and the tiny
+# tokenizer's alike; paligemma/tokenizer.py).
+_NUM_LOC, _NUM_SEG = 1024, 128
+TOKEN_PRESETS = ("loc", "seg", "loc+seg")
+
+
+def token_ids(tokens, vocab_size):
+  """Sorted token ids of config.lora.tokens (a preset or ids) in a vocabulary of
+  `vocab_size`; raises naming an id out of range."""
+  if not tokens:
+    return ()
+  if isinstance(tokens, str):
+    loc = range(vocab_size - _NUM_LOC - _NUM_SEG, vocab_size - _NUM_SEG)
+    seg = range(vocab_size - _NUM_SEG, vocab_size)
+    ids = {"loc": loc, "seg": seg, "loc+seg": [*loc, *seg]}[tokens]
+  else:
+    ids = [int(i) for i in tokens]
+  if isinstance(tokens, str) and vocab_size < _NUM_LOC + _NUM_SEG:
+    raise ValueError(f"config.lora.tokens={tokens!r}: a vocabulary of {vocab_size} has no "
+                     "loc/seg tokens")
+  bad = [i for i in ids if not 0 <= i < vocab_size]
+  if bad:
+    raise ValueError(f"config.lora.tokens: token id {bad[0]} is not in the vocabulary of "
+                     f"{vocab_size}")
+  return tuple(sorted(set(ids)))
+
+
+def embedding_table(embedding, rows, ids):
+  """The embedding float[V, D] with the rows `ids` replaced by `rows` float[n, D] (the
+  trainable token rows, TOKENS_LEAF), in the embedding's dtype; `embedding` when rows
+  is None. Gradients reach `rows` and not the embedding's other rows."""
+  if rows is None:
+    return embedding
+  return embedding.at[jnp.asarray(ids, jnp.int32)].set(rows.astype(embedding.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +163,7 @@ class LoraConfig:
   dropout: float = 0.0
   targets: str = DEFAULT_TARGETS
   quantize: str | None = None
+  tokens: str | tuple = ()
 
   def __post_init__(self):
     if int(self.rank) <= 0:
@@ -128,6 +172,11 @@ class LoraConfig:
       raise ValueError(f"config.lora.dropout must be in [0, 1), got {self.dropout!r}")
     if self.quantize not in QUANTIZE:
       raise ValueError(f"config.lora.quantize {self.quantize!r} unknown; valid: {QUANTIZE}")
+    if isinstance(self.tokens, str) and self.tokens not in TOKEN_PRESETS:
+      raise ValueError(f"config.lora.tokens {self.tokens!r} unknown: a list of token ids or "
+                       f"one of {TOKEN_PRESETS}")
+    if not isinstance(self.tokens, str):  # The rows are kept in id order.
+      object.__setattr__(self, "tokens", tuple(sorted({int(i) for i in self.tokens})))
     try:
       re.compile(self.regex)
     except re.error as e:
@@ -143,17 +192,20 @@ class LoraConfig:
     unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
       raise ValueError(f"Unknown config.lora key(s) {unknown}; valid: rank, alpha, dropout, "
-                       "targets, quantize")
+                       "targets, quantize, tokens")
     if not cfg.get("rank"):
       return None
     rank = int(cfg["rank"])
     alpha = cfg.get("alpha")
     return cls(rank=rank, alpha=float(rank if alpha is None else alpha),
                dropout=float(cfg.get("dropout") or 0.0),
-               targets=cfg.get("targets") or DEFAULT_TARGETS, quantize=cfg.get("quantize"))
+               targets=cfg.get("targets") or DEFAULT_TARGETS, quantize=cfg.get("quantize"),
+               tokens=cfg.get("tokens") or ())
 
   def to_dict(self):
-    return dataclasses.asdict(self)
+    out = dataclasses.asdict(self)
+    out["tokens"] = out["tokens"] if isinstance(out["tokens"], str) else list(out["tokens"])
+    return out
 
   @property
   def scale(self):
@@ -198,9 +250,14 @@ def delta_weight(a, b, lay, scale):
 
 def merge(params, lora_config):
   """Flat {name: array} with adapters -> the same without them, each adapted weight
-  replaced by W + (alpha / rank) * A B (in W's dtype). Quantized weights cannot be
-  merged into: dequantize them first (paligemma/quant.py)."""
+  replaced by W + (alpha / rank) * A B (in W's dtype), and the trainable token rows
+  written into the embedding. Quantized weights cannot be merged into: dequantize them
+  first (paligemma/quant.py)."""
   out = {k: v for k, v in params.items() if not is_lora_leaf(k)}
+  if TOKENS_LEAF in params:
+    e = out[EMBEDDING]
+    out[EMBEDDING] = embedding_table(e, params[TOKENS_LEAF],
+                                     token_ids(lora_config.tokens, e.shape[0]))
   for name in sorted(k for k in params if k.endswith(SUFFIXES[0])):
     w_name = base_name(name)
     if w_name not in out:

@@ -8,7 +8,8 @@ the group. Or one of the presets (PRESETS):
   "full"            every parameter trained
   "freeze_vision"   img/* frozen (the vision tower and the projector), the LLM trained
   "attention_only"  only llm/layers/attn/* trained (the Flickr8k recipe, and big_vision's T4 Colab)
-  "lora"            only the LoRA adapters (`*_lora_a`, `*_lora_b`, paligemma/lora.py)
+  "lora"            only the LoRA adapters (`*_lora_a`, `*_lora_b`, and the token rows
+                    `*_lora_tokens` of config.lora.tokens; paligemma/lora.py)
 
 Frozen parameters are split off before the gradient (`partition`): the train step
 differentiates with respect to the trainable ones only, so frozen weights get no
@@ -38,7 +39,7 @@ PRESETS = {
     "full": [(".*", "default")],
     "freeze_vision": [("img/.*", None), (".*", "default")],
     "attention_only": [("llm/layers/attn/.*", "default"), (".*", None)],
-    "lora": [(r".*_lora_[ab]", "default"), (".*", None)],
+    "lora": [(r".*_lora_(a|b|tokens)", "default"), (".*", None)],
 }
 DECAYS = ("cosine", "linear", "rsqrt", "constant")
 # Matrices decay; norms, biases, embeddings and position embeddings do not.

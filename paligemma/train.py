@@ -102,7 +102,8 @@ def init_params(config, model, mesh):
         dtype=dtype_for, sharding=place)
     if model.lora:
       model = build_lib.build_model(config.model, lora=model.lora, **model_config)
-      params = optim.merge(init_adapters(config, model, mesh), optim.flatten(params))
+      params = optim.flatten(params)
+      params = optim.merge(init_adapters(config, model, mesh, params), params)
       model_config["lora"] = model.lora.to_dict()
     return params, model_config
 
@@ -121,10 +122,11 @@ def init_params(config, model, mesh):
   return params, model_config
 
 
-def init_adapters(config, model, mesh):
-  """Flat {name: adapter} of `model` (fresh: A random, B zero) from config.seed, placed
-  by the sharding rules. Only the adapters are computed: XLA drops the rest of the
-  random init, so this costs no memory for the base."""
+def init_adapters(config, model, mesh, base):
+  """Flat {name: adapter} of `model` (fresh: A random, B zero, trainable token rows
+  those of the loaded embedding in `base`) from config.seed, placed by the sharding
+  rules. Only the adapters are computed: XLA drops the rest of the random init, so this
+  costs no memory for the base."""
   rules = config.sharding_strategy
   shapes = optim.flatten(build_lib.abstract_params(model, config.input.text_len))
   shapes = lora_lib.adapters(shapes)
@@ -138,7 +140,15 @@ def init_adapters(config, model, mesh):
     return {k: params[k].astype(config.model.param_dtype) for k in shapes}
 
   out = sharding.param_shardings(mesh, rules, shapes)
-  return jax.jit(init, out_shardings=out)(jax.random.PRNGKey(config.seed))
+  adapters = jax.jit(init, out_shardings=out)(jax.random.PRNGKey(config.seed))
+  if lora_lib.TOKENS_LEAF in adapters:
+    e = base[lora_lib.EMBEDDING]
+    ids = jnp.asarray(lora_lib.token_ids(model.lora.tokens, e.shape[0]))
+    rows = adapters[lora_lib.TOKENS_LEAF]
+    adapters[lora_lib.TOKENS_LEAF] = jax.jit(
+        lambda e: jnp.take(e, ids, axis=0).astype(rows.dtype),
+        out_shardings=out[lora_lib.TOKENS_LEAF])(e)
+  return adapters
 
 
 def check_lora_partition(trainable, frozen):
@@ -147,7 +157,7 @@ def check_lora_partition(trainable, frozen):
   if frozen_adapters:
     raise config_lib.ConfigError(
         f"config.schedule freezes the LoRA adapter {frozen_adapters[0]}: use "
-        "--config.schedule=lora, or give `.*_lora_[ab]` a schedule in your rules.")
+        "--config.schedule=lora, or give `.*_lora_(a|b|tokens)` a schedule in your rules.")
   adapted = sorted(lora_lib.base_name(k) for k in trainable if k.endswith("_lora_a")
                    and lora_lib.base_name(k) in trainable)
   if adapted:
@@ -322,6 +332,9 @@ def _train(config, workdir, main_process):
   groups = optim.groups_from_config(config.schedule, config.optim.schedule)
   trainable, frozen = optim.partition(params, groups)
   del params
+  counts = [sum(math.prod(x.shape) for x in part.values()) for part in (trainable, frozen)]
+  logging.warning("Training %s of %s parameters (%.2f%%).", f"{counts[0]:,}",
+                  f"{sum(counts):,}", 100 * counts[0] / sum(counts))
   if model.lora:
     check_lora_partition(trainable, frozen)
     if model.lora.quantize:  # QLoRA: the frozen matmul weights stored as quant.QArray.

@@ -62,9 +62,12 @@ def base_config():
   # "peft": also SigLIP q/k/v as PEFT's names match, "all", or a regex), update
   # (alpha / rank) * B A x (alpha None: rank); with schedule "lora" only they train.
   # quantize: None | "int8" | "nf4" (QLoRA) stores the frozen matmul weights so.
+  # tokens: embedding rows that train too (PEFT's trainable_token_indices): token ids, or
+  # "loc" | "seg" | "loc+seg"; a caption base learning detection needs its `<loc>` rows.
   c.lora = ml_collections.ConfigDict(dict(
       rank=0, alpha=config_dict.placeholder(float), dropout=0.0, targets="llm",
-      quantize=config_dict.placeholder(str)))
+      quantize=config_dict.placeholder(str),
+      tokens=config_dict.FieldReference((), field_type=object)))
   c.label_smoothing = 0.0
 
   # Devices (paligemma/sharding.py, docs/multihost.md). mesh: [(axis, size)], one size

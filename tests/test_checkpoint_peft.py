@@ -90,7 +90,7 @@ def _peft_adapter(base, directory, seed, **lora_kw):
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if ".lora_" in name:
+      if ".lora_" in name or "trainable_tokens_delta" in name:
         p.copy_(torch.randn(p.shape, generator=g) * 0.05)
   model.save_pretrained(directory)
   return model.eval()
@@ -98,9 +98,11 @@ def _peft_adapter(base, directory, seed, **lora_kw):
 
 @pytest.fixture(scope="module")
 def peft_adapters(bases, tmp_path_factory):
-  """{version: (adapter dir, PeftModel)}: PEFT's PaliGemma recipe (also SigLIP's q/k/v)."""
+  """{version: (adapter dir, PeftModel)}: PEFT's PaliGemma recipe (also SigLIP's q/k/v);
+  on PaliGemma 2 also trainable token rows (unsorted ids)."""
   root = tmp_path_factory.mktemp("adapters")
-  kw = {1: dict(r=4, lora_alpha=8), 2: dict(r=2, lora_alpha=16, lora_dropout=0.05)}
+  kw = {1: dict(r=4, lora_alpha=8),
+        2: dict(r=2, lora_alpha=16, lora_dropout=0.05, trainable_token_indices=[299, 7, 42])}
   return {v: (str(root / f"pg{v}"), _peft_adapter(bases[f"pg{v}"], str(root / f"pg{v}"), v,
                                                      target_modules=RECIPE, **kw[v]))
           for v in (1, 2)}
@@ -125,6 +127,7 @@ def test_peft_adapter_loads_merged_and_unmerged(bases, peft_adapters, version):
   assert (lora.rank, lora.scale, lora.targets) == ((4, 2.0, "peft") if version == 1 else
                                                    (2, 8.0, "peft"))
   assert config["lora"]["dropout"] == (0.0 if version == 1 else 0.05)
+  assert config["lora"]["tokens"] == ([] if version == 1 else [7, 42, 299])
   flat = tree.flatten(unmerged)
   assert "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel_lora_a" in flat
   err_unmerged = np.abs(_ours(unmerged, config, batch) - theirs).max()
@@ -194,7 +197,8 @@ def _random_adapters(model_config, lora, seed):
 
 CASES = {  # base, config.lora, target_modules written
     "pg1": ("pg1", dict(rank=4, alpha=8, targets="peft"), list),
-    "pg2": ("pg2", dict(rank=3, alpha=12, dropout=0.1, targets="llm"), str),
+    "pg2": ("pg2", dict(rank=3, alpha=12, dropout=0.1, targets="llm", tokens=[7, 42, 299]),
+            str),
     "qkv": ("qkv", dict(rank=2, alpha=2, targets="all"), list),
 }
 

@@ -1,6 +1,7 @@
 """LoRA in the model: a fresh adapter changes nothing, merged equals unmerged, dropout
 only with a dropout rng, QLoRA's quantized base near the float one; the config checks."""
 
+import dataclasses
 import functools
 
 import jax
@@ -19,6 +20,9 @@ from paligemma.models import build
 # Gemma 1 (q + kv einsums), Gemma 2 (grouped kv), and multi-head (the stacked qkv_einsum).
 CONFIGS = {"gemma1": tiny_model_config(1), "gemma2": tiny_model_config(2),
            "mha": tiny_model_config(1, num_kv_heads=4)}
+
+
+TOKENS = [250, 5, 17]
 
 
 def _inputs(b=2, t=6, vocab=300):
@@ -49,17 +53,21 @@ def _with_random_adapters(params, seed=3, scale=0.05):
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def adapted(request):
-  """(base model, LoRA model, params with fresh adapters) for each config, targets "all"."""
+  """(base model, LoRA model, params with fresh adapters) for each config, targets "all",
+  and trainable rows of three tokens."""
   cfg = CONFIGS[request.param]
-  model = build.build_model(cfg, lora=dict(rank=4, alpha=8.0, targets="all"))
+  model = build.build_model(cfg, lora=dict(rank=4, alpha=8.0, targets="all", tokens=TOKENS))
   params = flatten(build.initial_params(model, jax.random.PRNGKey(0), 6))
   return build.build_model(cfg), model, params
 
 
 def test_targets_get_adapters_of_the_layout(adapted):
   _, model, params = adapted
-  names = sorted(lora_lib.adapters(params))
+  names = sorted(k for k in lora_lib.adapters(params) if k != lora_lib.TOKENS_LEAF)
   bases = sorted({lora_lib.base_name(k) for k in names})
+  # The token rows start as the embedding's, in id order.
+  np.testing.assert_array_equal(params[lora_lib.TOKENS_LEAF],
+                                params[lora_lib.EMBEDDING][np.array(sorted(TOKENS))])
   # Every matmul weight of the LLM and the ViT blocks; nothing else (embedding, norms, head).
   assert bases == sorted(k for k in params if lora_lib.layout(k) and not lora_lib.is_lora_leaf(k))
   assert any(k.startswith("img/") for k in bases) and any(k.startswith("llm/") for k in bases)
@@ -102,7 +110,7 @@ def test_llm_targets_leave_the_vision_tower_alone():
 def test_dropout_only_with_a_dropout_rng(adapted):
   _, model, params = adapted
   params = _with_random_adapters(params)
-  dropping = model.clone(lora=lora_lib.LoraConfig(rank=4, alpha=8.0, dropout=0.5, targets="all"))
+  dropping = model.clone(lora=dataclasses.replace(model.lora, dropout=0.5))
   # Evaluation and decoding pass no dropout rng: the same outputs as without dropout.
   np.testing.assert_array_equal(_logits(dropping, params), _logits(model, params))
   rngs = {"dropout": jax.random.PRNGKey(7)}

@@ -47,7 +47,7 @@ def get_config(arg=None):
   c.total_steps = arg.steps
 
   # Only the adapters train; the base is frozen in float16 or quantized.
-  c.lora = dict(rank=arg.rank, alpha=8.0, dropout=0.0, targets="peft",
+  c.lora.update(rank=arg.rank, alpha=8.0, dropout=0.0, targets="peft",
                 quantize=arg.quantize or None)
   c.schedule = "lora"
   c.frozen_dtype = "float16"

@@ -13,6 +13,11 @@ kv_einsum; gate, up of gating_einsum), and each is the weight's slice with torch
 order: the layout the table's to_hf writes (tests/test_checkpoint_peft.py checks it for
 every adaptable entry). So A_j = A[j] as [in, r], transposed; B_j = B[j] as [r, out],
 transposed.
+
+Trainable token rows (config.lora.tokens, PEFT's trainable_token_indices) are the tensor
+`base_model.model.<embed_tokens module>.token_adapter.trainable_tokens_delta` float[n, D]:
+despite its name, the rows' values (in the order of the config's indices), which PEFT
+also applies to the tied lm_head, as ours does.
 """
 
 import dataclasses
@@ -35,6 +40,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight")
+_TOKENS_KEY = re.compile(r"base_model\.model\.(.+)\.token_adapter\.trainable_tokens_delta")
+_EMBED = "language_model.embed_tokens"  # The canonical module of the embedding.
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 _UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "use_rslora": "rank-stabilised LoRA (use_rslora)",
                 "lora_bias": "LoRA biases (lora_bias)"}
@@ -159,6 +166,7 @@ def save_peft(params, model_config, directory, base=None):
                           "`_lora_b`); train with config.lora, or pass the adapter leaves")
   targets = _targets(model_config)
   tensors, adapted = {}, []
+  token_ids = _save_tokens(leaves.pop(lora_lib.TOKENS_LEAF, None), lora, model_config, tensors)
   for w in sorted({lora_lib.base_name(n) for n in leaves}):
     a_name, b_name = (w + s for s in lora_lib.SUFFIXES)
     missing = [n for n in (a_name, b_name) if n not in leaves]
@@ -191,13 +199,29 @@ def save_peft(params, model_config, directory, base=None):
           parent_library="transformers.models.paligemma.modeling_paligemma"),
       base_model_name_or_path=None if base is None else os.fspath(base), revision=None,
       inference_mode=True, r=lora.rank, lora_alpha=_number(lora.alpha),
-      lora_dropout=lora.dropout, target_modules=_target_modules(model_config, adapted),
-      bias="none", fan_in_fan_out=False, modules_to_save=None, init_lora_weights=True,
+      lora_dropout=lora.dropout,
+      target_modules=_target_modules(model_config, adapted) if adapted else [],
+      trainable_token_indices=token_ids, bias="none", fan_in_fan_out=False,
+      modules_to_save=None, init_lora_weights=True,
       layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={},
       use_rslora=False, use_dora=False, lora_bias=False)
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
     json.dump(config, f, indent=2)
   return sum(x.nbytes for x in tensors.values())
+
+
+def _save_tokens(rows, lora, model_config, tensors):
+  """Puts the trainable token rows into `tensors`; their ids (a list), or None."""
+  if rows is None:
+    return None
+  ids = lora_lib.token_ids(lora.tokens, model_config["llm"]["vocab_size"])
+  if tuple(rows.shape) != (len(ids), model_config["llm"]["width"]):
+    raise CheckpointError(f"save_peft: {lora_lib.TOKENS_LEAF} has shape {tuple(rows.shape)}, "
+                          f"but lora.tokens and the model_config imply "
+                          f"{(len(ids), model_config['llm']['width'])}")
+  key = f"{_PREFIX}{names.module_hf_name(_EMBED)}.token_adapter.trainable_tokens_delta"
+  tensors[key] = np.ascontiguousarray(rows)
+  return list(ids)
 
 
 def _number(x):
@@ -238,10 +262,9 @@ def _read_config(directory):
   if (cfg.get("bias") or "none") != "none":
     raise CheckpointError(f"{path}: bias is {cfg['bias']!r}: adapters that train biases are "
                           "not supported (only bias \"none\")")
-  for key in ("modules_to_save", "trainable_token_indices"):
-    if cfg.get(key):
-      raise CheckpointError(f"{path}: {key} is {cfg[key]!r}: adapters that also train whole "
-                            "modules or token embeddings are not supported")
+  if cfg.get("modules_to_save"):
+    raise CheckpointError(f"{path}: modules_to_save is {cfg['modules_to_save']!r}: adapters "
+                          "that also train whole modules are not supported")
   if "r" not in cfg:
     raise CheckpointError(f"{path}: no 'r' (the LoRA rank)")
   return path, cfg
@@ -279,7 +302,11 @@ def read_adapter(directory, model_config):
         index[m] = (t, i, j)
   templates = {tpl for t in targets.values() for tpl in t.templates}
   found = {}  # our weight -> {(layer, j, factor): tensor}
+  rows = None
   for key, tensor in hf._read_header(path).items():  # pylint: disable=protected-access
+    if _TOKENS_KEY.fullmatch(key):
+      rows = _read_tokens(key, tensor, cfg, model_config, path)
+      continue
     m = _KEY.fullmatch(key)
     if m is None:
       what = ("a DoRA magnitude vector: DoRA adapters are not supported"
@@ -306,9 +333,15 @@ def read_adapter(directory, model_config):
                             f"{want} fits the base model with r={r} ({config_path}); an "
                             "adapter for another model?")
     found.setdefault(t.ours, {})[(i, j, factor)] = tensor
-  if not found:
+  if not found and rows is None:
     raise CheckpointError(f"{path}: no LoRA tensors")
+  if cfg.get("trainable_token_indices") and rows is None:
+    raise CheckpointError(f"{path}: trainable_token_indices is set ({config_path}) but the "
+                          "file has no token_adapter.trainable_tokens_delta tensor")
   leaves = {}
+  tokens = ()
+  if rows is not None:
+    tokens, leaves[lora_lib.TOKENS_LEAF] = rows
   for w, got in found.items():
     t = targets[w]
     for (i, j, factor) in got:
@@ -326,8 +359,34 @@ def read_adapter(directory, model_config):
     leaves[w + lora_lib.SUFFIXES[0]], leaves[w + lora_lib.SUFFIXES[1]] = from_torch(a, b, t)
   lora = lora_lib.LoraConfig(rank=r, alpha=float(cfg.get("lora_alpha", 8)),
                              dropout=float(cfg.get("lora_dropout") or 0.0),
-                             targets=_targets_regex(model_config, set(found)))
+                             targets=_targets_regex(model_config, set(found)),
+                             tokens=tokens)
   return Adapter(directory, lora, leaves)
+
+
+def _read_tokens(key, tensor, cfg, model_config, path):
+  """(sorted token ids, their rows float[n, D] in that order) of a trainable-tokens tensor."""
+  module = names.canonical_hf_name(_TOKENS_KEY.fullmatch(key).group(1))
+  if module != _EMBED:
+    raise CheckpointError(f"{path}: tensor {key!r}: trainable tokens of {module!r}; only "
+                          "the language model's embed_tokens (tied to lm_head) can have them")
+  ids = cfg.get("trainable_token_indices")
+  if isinstance(ids, dict):  # {module name: ids}: the embedding's is the one there can be.
+    ids = next(iter(ids.values())) if len(ids) == 1 else None
+  if not ids or not all(isinstance(i, int) for i in ids):
+    raise CheckpointError(f"{path}: tensor {key!r} needs trainable_token_indices, a list of "
+                          f"token ids, in {CONFIG_FILE}; it is "
+                          f"{cfg.get('trainable_token_indices')!r}")
+  vocab, width = model_config["llm"]["vocab_size"], model_config["llm"]["width"]
+  if tuple(tensor.shape) != (len(ids), width) or not all(0 <= i < vocab for i in ids):
+    raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} for "
+                          f"{len(ids)} token ids up to {max(ids)}; the base model has a "
+                          f"vocabulary of {vocab} and width {width} (an adapter for another "
+                          "model?)")
+  if len(set(ids)) != len(ids):
+    raise CheckpointError(f"{path}: trainable_token_indices repeats a token id")
+  order = np.argsort(ids)
+  return tuple(int(ids[i]) for i in order), np.asarray(tensor.read())[order]
 
 
 def _targets_regex(model_config, weights):
@@ -356,10 +415,13 @@ def apply(src, expected, model_config, directory, merge=True, dtype_for=None):
     for name, arr in adapter.leaves.items():
       expected[name] = arr.shape
       leaves[name] = Leaf(arr.shape, arr.dtype, lambda start=None, stop=None, arr=arr:
-                          np.array(arr[start:stop]), f"{origin}: adapter of "
-                          f"{lora_lib.base_name(name)}", partial=True)
+                          np.array(arr[start:stop]), f"{origin}: adapter "
+                          f"{name}", partial=True)
     model_config = dict(model_config, lora=adapter.lora.to_dict())
     return dataclasses.replace(src, leaves=leaves), expected, model_config
+  if lora_lib.TOKENS_LEAF in adapter.leaves:
+    leaves[lora_lib.EMBEDDING] = _with_rows(leaves[lora_lib.EMBEDDING], adapter, origin,
+                                            dtype_for)
   for a_name in [n for n in adapter.leaves if n.endswith(lora_lib.SUFFIXES[0])]:
     w = lora_lib.base_name(a_name)
     a, b = adapter.leaves[a_name], adapter.leaves[w + lora_lib.SUFFIXES[1]]
@@ -378,3 +440,19 @@ def apply(src, expected, model_config, directory, merge=True, dtype_for=None):
     leaves[w] = dataclasses.replace(base, read=read,
                                     origin=f"{base.origin} + adapter {origin}")
   return dataclasses.replace(src, leaves=leaves), expected, model_config
+
+
+def _with_rows(base, adapter, origin, dtype_for):
+  """The embedding leaf `base` with the adapter's trainable token rows written in."""
+  rows = adapter.leaves[lora_lib.TOKENS_LEAF]
+  ids = np.asarray(lora_lib.token_ids(adapter.lora.tokens, base.shape[0]))
+  want = np.dtype(dtype_for(lora_lib.EMBEDDING) if dtype_for else base.dtype)
+
+  def read(start=None, stop=None):
+    table = np.array(base.read(start, stop), want)
+    lo = start or 0
+    inside = (ids >= lo) & (ids < lo + table.shape[0])
+    table[ids[inside] - lo] = rows[inside]
+    return table
+
+  return dataclasses.replace(base, read=read, origin=f"{base.origin} + token rows {origin}")

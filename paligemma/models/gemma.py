@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from paligemma import lora as lora_lib
 from paligemma.models import layers
 from paligemma.models import variants
 
@@ -173,8 +174,7 @@ class Gemma(nn.Module):
   def setup(self):
     cfg = self.config
     self.embedder = Embedder(cfg.vocab_size, cfg.width, dtype=self.dtype,
-                             param_dtype=self.param_dtype,
-                             name="embedder")
+                             param_dtype=self.param_dtype, lora=self.lora, name="embedder")
     kw = dict(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
               head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim,
               query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
@@ -195,8 +195,7 @@ class Gemma(nn.Module):
 
   def logits(self, x):
     """float[B, ..., D] (final-normed) -> float32[B, ..., V] (see `tied_logits`)."""
-    return tied_logits(x, self.embedder.input_embedding, self.dtype,
-                       self.config.final_logits_softcap)
+    return tied_logits(x, self.embedder.table(), self.dtype, self.config.final_logits_softcap)
 
   def is_local(self):
     """bool[L]: which layers use the sliding window (even ones, as transformers)."""
@@ -225,7 +224,9 @@ class Gemma(nn.Module):
 
 
 class Embedder(layers.Layer):
-  """Token embedding table `input_embedding` float[V, D], shared with the output layer."""
+  """Token embedding table `input_embedding` float[V, D], shared with the output layer;
+  with config.lora.tokens, the trainable rows `input_embedding_lora_tokens` float[n, D]
+  (paligemma/lora.py) replace those tokens' rows in both."""
   vocab_size: int
   width: int
 
@@ -235,10 +236,32 @@ class Embedder(layers.Layer):
     self.input_embedding = self.param(
         "input_embedding", nn.initializers.normal(stddev=self.width ** -0.5),
         (self.vocab_size, self.width), self.param_dtype)
+    self.token_ids = lora_lib.token_ids(self.lora.tokens if self.lora else (), self.vocab_size)
+    self.token_rows = None
+    if self.token_ids:  # Starting as the base's rows (the trainer copies the loaded ones).
+      name = lora_lib.TOKENS_LEAF.rsplit("/", 1)[1]
+      self.token_rows = self.param(
+          name, lambda *_: jnp.take(self.input_embedding, jnp.asarray(self.token_ids), axis=0),
+          (len(self.token_ids), self.width), self.param_dtype)
+
+  def table(self):
+    """float[V, D]: the embedding the input and the output layer read."""
+    return lora_lib.embedding_table(self.input_embedding, self.token_rows, self.token_ids)
 
   def encode(self, tokens):
-    x = jnp.take(self.input_embedding, tokens, axis=0).astype(self.dtype)
+    x = jnp.take(self.table(), tokens, axis=0).astype(self.dtype)
     return x * jnp.sqrt(self.width).astype(self.dtype)
+
+
+def embedding(params, lora):
+  """The embedding float[V, D] the model reads (`Embedder.table`), from its params tree:
+  for the loss and the decoder, which apply the output layer outside the model."""
+  embedder = params["llm"]["embedder"]
+  e = embedder["input_embedding"]
+  rows = embedder.get(lora_lib.TOKENS_LEAF.rsplit("/", 1)[1])
+  if rows is None:
+    return e
+  return lora_lib.embedding_table(e, rows, lora_lib.token_ids(lora.tokens, e.shape[0]))
 
 
 def tied_logits(x, embedding, dtype, softcap=None):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from paligemma import optim
+from paligemma.models import gemma
 from paligemma.models import paligemma as model_lib
 from paligemma.trainer import loss as loss_lib
 
@@ -46,7 +47,7 @@ def make_train_step(model, tx, lr_fn, *, label_smoothing=0.0, accum_steps=1, dro
     features = model.apply({"params": params}, batch["image"], text[:, :-1], mask_ar[:, :-1],
                            method=model_lib.Model.text_features, rngs=rngs)
     return loss_lib.suffix_loss_from_features(
-        features, params["llm"]["embedder"]["input_embedding"], text[:, 1:],
+        features, gemma.embedding(params, model.lora), text[:, 1:],
         batch["mask_loss"][:, 1:], dtype=model.dtype, softcap=model.llm.final_logits_softcap,
         label_smoothing=label_smoothing, recompute=remat)
 
