@@ -235,6 +235,12 @@ def _check_lora(config):
     lora = lora_lib.LoraConfig.from_dict(config.lora.to_dict())
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  vocab = config.model.get("llm", {}).get("vocab_size")
+  if lora and lora.tokens and vocab:
+    try:
+      lora_lib.token_ids(lora.tokens, vocab)
+    except ValueError as e:
+      raise ConfigError(f"{e} (config.model.llm.vocab_size)") from None
   if lora and config.schedule == "full":
     raise ConfigError(
         f"config.lora.rank={lora.rank} with config.schedule='full' would train the whole "

@@ -164,6 +164,8 @@ def _shapes_config(**lora):
     (dict(rank=4, quantize="nf8"), "lora", "quantize 'nf8' unknown"),
     (dict(rank=4, dropout=1.0), "lora", r"dropout must be in \[0, 1\)"),
     (dict(rank=4, targets="q_proj("), "lora", "neither a preset"),
+    (dict(rank=4, tokens="locs"), "lora", "tokens 'locs' unknown"),
+    (dict(rank=4, tokens=[5, 1920]), "lora", "token id 1920 is not in the vocabulary of 1920"),
 ])
 def test_config_errors_name_the_key(lora, schedule, match):
   c = _shapes_config(**lora)
