@@ -258,7 +258,7 @@ class Decoder:
     """
     if layout is not None or rows < _HEAD_MIN_ROWS or jax.default_backend() != "cpu":
       return None  # (Sharded: decoding lays the embedding out over the mesh instead.)
-    if lora_lib.TOKENS_LEAF.rsplit("/", 1)[1] in params["llm"]["embedder"]:
+    if lora_lib.TOKENS_PARAM in params["llm"]["embedder"]:
       return None  # Trainable token rows (LoRA, unmerged): the table changes as they train.
     emb = params["llm"]["embedder"]["input_embedding"]
     if isinstance(emb, jax.core.Tracer):

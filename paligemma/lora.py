@@ -67,7 +67,8 @@ LAYOUTS = (
 )
 SUFFIXES = ("_lora_a", "_lora_b")
 EMBEDDING = "llm/embedder/input_embedding"
-TOKENS_LEAF = EMBEDDING + "_lora_tokens"
+TOKENS_PARAM = "input_embedding_lora_tokens"  # The trainable token rows, in llm/embedder.
+TOKENS_LEAF = "llm/embedder/" + TOKENS_PARAM
 _LORA_LEAF = re.compile(r".*_lora_(a|b|tokens)")
 # The loc and seg tokens are the vocabulary's last 1024 + 128 (Gemma's 257152 and the tiny
 # tokenizer's alike; paligemma/tokenizer.py).

@@ -239,10 +239,9 @@ class Embedder(layers.Layer):
     self.token_ids = lora_lib.token_ids(self.lora.tokens if self.lora else (), self.vocab_size)
     self.token_rows = None
     if self.token_ids:  # Starting as the base's rows (the trainer copies the loaded ones).
-      name = lora_lib.TOKENS_LEAF.rsplit("/", 1)[1]
       self.token_rows = self.param(
-          name, lambda *_: jnp.take(self.input_embedding, jnp.asarray(self.token_ids), axis=0),
-          (len(self.token_ids), self.width), self.param_dtype)
+          lora_lib.TOKENS_PARAM,
+          lambda *_: jnp.take(self.input_embedding, jnp.asarray(self.token_ids), axis=0))
 
   def table(self):
     """float[V, D]: the embedding the input and the output layer read."""
@@ -258,7 +257,7 @@ def embedding(params, lora):
   for the loss and the decoder, which apply the output layer outside the model."""
   embedder = params["llm"]["embedder"]
   e = embedder["input_embedding"]
-  rows = embedder.get(lora_lib.TOKENS_LEAF.rsplit("/", 1)[1])
+  rows = embedder.get(lora_lib.TOKENS_PARAM)
   if rows is None:
     return e
   return lora_lib.embedding_table(e, rows, lora_lib.token_ids(lora.tokens, e.shape[0]))
