@@ -243,6 +243,16 @@ def delta_equation(eqn, lay):
   return f"{lhs},{lay.a},{lay.b}->{out}"
 
 
+def delta_equations(eqn, lay):
+  """The adapter's two einsums for a module einsum `eqn` ("x,w->y"): ("x,A->U", "U,B->y"),
+  U = [stack.., x's axes but the inputs.., r] (A x)."""
+  lhs = eqn.split(",")[0]
+  out = delta_equation(eqn, lay).split("->")[1]
+  u = lay.stack + "".join(c for c in lhs.replace("...", ".") if c not in lay.inputs) + "r"
+  u = u.replace(".", "...")
+  return f"{lhs},{lay.a}->{u}", f"{u},{lay.b}->{out}"
+
+
 def delta_weight(a, b, lay, scale):
   """(alpha / rank) * A B in the weight's layout (leading layer axes kept)."""
   eqn = f"...{lay.a},...{lay.b}->...{lay.weight}"
