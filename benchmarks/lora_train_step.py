@@ -10,6 +10,7 @@ ratio; then the bytes of the frozen base of this preset and of PaliGemma 2 3B st
 float16 against NF4 and int8 (QLoRA), from the shapes alone.
 """
 
+import functools
 import math
 import os
 import sys
@@ -39,7 +40,10 @@ def ours(preset):
   frozen = {k: v for k, v in params.items() if k not in trainable}
   tx = optax.adam(1e-4, b2=0.999)
   opt_state = tx.init(trainable)
-  step = jax.jit(step_lib.make_train_step(model, tx, lambda s: 1e-4), donate_argnums=(0, 2))
+  # The output layer on the batch's loss tokens, as the trainer runs it.
+  step = jax.jit(functools.partial(step_lib.make_train_step(model, tx, lambda s: 1e-4),
+                                   loss_len=step_lib.loss_length(batch["mask_loss"])),
+                 donate_argnums=(0, 2))
   state = {"t": trainable, "o": opt_state}
   count = jnp.int32(0)
 

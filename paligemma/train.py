@@ -378,8 +378,11 @@ def _train(config, workdir, main_process):
   train_step = jax.jit(
       step_lib.make_train_step(model, tx, lr_fn, label_smoothing=config.label_smoothing,
                                accum_steps=config.optim.accum_steps, dropout_seed=config.seed),
-      donate_argnums=(0, 2),
+      donate_argnums=(0, 2), static_argnums=5,
       out_shardings=(param_sh, opt_sh, rep))
+  # One process sees its whole batch and can cut the output layer to its loss tokens
+  # (step.loss_length); several would each see a part, and must run the same program.
+  loss_length = step_lib.loss_length if jax.process_count() == 1 else lambda _: None
   evaluators = make_evaluators(config, model, tok, batch_sh)
   writer = metrics_lib.MetricsWriter(workdir, enabled=main_process,
                                      resume_step=start if latest is not None else None)
@@ -404,9 +407,10 @@ def _train(config, workdir, main_process):
       for step in range(start + 1, steps + 1):
         batch = next(batches)
         progress.consume(batch)
+        loss_len = loss_length(batch["mask_loss"])
         batch = sharding.global_batch(batch, batch_sh)
         trainable, opt_state, m = train_step(trainable, frozen, opt_state, batch,
-                                             jnp.int32(step - 1))
+                                             jnp.int32(step - 1), loss_len)
         loss = float(m["loss"])
         if not math.isfinite(loss):
           good = ckpts.latest_step()

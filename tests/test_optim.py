@@ -138,7 +138,9 @@ def test_loss_suffix_only_per_example_mean():
   np.testing.assert_allclose(smooth, np.mean(0.8 * nll + 0.2 * uniform), rtol=1e-6)
 
 
-def test_gradient_accumulation_matches_full_batch():
+def test_gradient_accumulation_and_loss_len_match_full_batch():
+  """Micro-batches, and the output layer cut to each row's loss tokens (loss_len), give
+  the full batch's loss and update."""
   model = model_lib.Model(
       img=dict(variant="mu/8", image_size=16),
       llm=dict(variant="gemma_tiny", vocab_size=64, depth=1))
@@ -146,16 +148,21 @@ def test_gradient_accumulation_matches_full_batch():
   batch = dict(image=jnp.asarray(rng.uniform(-1, 1, (4, 16, 16, 3)), jnp.float32),
                text=jnp.asarray(rng.integers(1, 64, (4, 7)), jnp.int32),
                mask_ar=jnp.asarray([[0, 0, 0, 1, 1, 1, 1]] * 4, jnp.int32),
-               mask_loss=jnp.asarray([[0, 0, 0, 1, 1, 1, 0]] * 4, jnp.int32))
+               mask_loss=jnp.asarray([[0, 0, 0, 1, 1, 1, 0], [0, 1, 0, 1, 0, 0, 1],
+                                      [0, 0, 0, 0, 0, 0, 1], [0, 1, 1, 0, 0, 0, 0]], jnp.int32))
   params = model.init(jax.random.PRNGKey(0), batch["image"], batch["text"][:, :-1],
                       batch["mask_ar"][:, :-1])["params"]
   groups = optim.groups_from_config("full", SCHED)
   trainable, frozen = optim.partition(params, groups)
   tx, lrs = optim.make_optimizer(_optim(name="sgd", lr=1.0), groups, trainable, 10)
+  loss_len = step_lib.loss_length(np.asarray(batch["mask_loss"]))
+  assert loss_len == 3  # Of 6 positions: the most loss tokens in a row.
   out = []
-  for accum in (1, 2):
-    step = jax.jit(step_lib.make_train_step(model, tx, lrs["group0"], accum_steps=accum))
-    out.append(step(trainable, frozen, tx.init(trainable), batch, jnp.int32(0)))
-  np.testing.assert_allclose(out[0][2]["loss"], out[1][2]["loss"], rtol=1e-5)
-  for k in trainable:
-    np.testing.assert_allclose(out[0][0][k], out[1][0][k], rtol=1e-4, atol=1e-6)
+  for accum, cut in ((1, None), (2, None), (1, loss_len), (2, loss_len)):
+    step = jax.jit(step_lib.make_train_step(model, tx, lrs["group0"], accum_steps=accum),
+                   static_argnums=5)
+    out.append(step(trainable, frozen, tx.init(trainable), batch, jnp.int32(0), cut))
+  for other in out[1:]:
+    np.testing.assert_allclose(out[0][2]["loss"], other[2]["loss"], rtol=1e-5)
+    for k in trainable:
+      np.testing.assert_allclose(out[0][0][k], other[0][k], rtol=1e-4, atol=1e-6)
