@@ -31,6 +31,7 @@ config.lora (transfer configs), all optional but `rank`:
 import dataclasses
 import math
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -233,24 +234,25 @@ def init_a(fan_in):
   return init
 
 
-def delta_equation(eqn, lay):
-  """The adapter's einsum for a module einsum `eqn` ("x,w->y") of a weight laid out
-  as `lay`: "x,A,B->y"."""
+class DeltaSpecs(NamedTuple):
+  """The einsum operands of an adapter's B A x: x, A, U = A x, B and the output y."""
+  x: str
+  a: str
+  u: str
+  b: str
+  y: str
+
+
+def delta_specs(eqn, lay):
+  """DeltaSpecs of the adapter on a module einsum `eqn` ("x,w->y") of a weight laid out
+  as `lay`: U = [stack.., x's axes but the inputs.., r], so that U = einsum("x,A->U") and
+  y = einsum("U,B->y")."""
   lhs, rest = eqn.split(",")
   rhs, out = rest.split("->")
   if rhs.replace("...", "") != lay.weight:
     raise ValueError(f"einsum {eqn!r} does not use the weight letters {lay.weight!r}")
-  return f"{lhs},{lay.a},{lay.b}->{out}"
-
-
-def delta_equations(eqn, lay):
-  """The adapter's two einsums for a module einsum `eqn` ("x,w->y"): ("x,A->U", "U,B->y"),
-  U = [stack.., x's axes but the inputs.., r] (A x)."""
-  lhs = eqn.split(",")[0]
-  out = delta_equation(eqn, lay).split("->")[1]
   u = lay.stack + "".join(c for c in lhs.replace("...", ".") if c not in lay.inputs) + "r"
-  u = u.replace(".", "...")
-  return f"{lhs},{lay.a}->{u}", f"{u},{lay.b}->{out}"
+  return DeltaSpecs(x=lhs, a=lay.a, u=u.replace(".", "..."), b=lay.b, y=out)
 
 
 def delta_weight(a, b, lay, scale):
