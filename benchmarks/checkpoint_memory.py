@@ -8,7 +8,9 @@ process and reports that process's peak RSS (VmHWM) next to its RSS after import
 alone; the file is deleted afterwards. Twice: as stored (goal: loading adds < 1.3x the
 file) and cast to float16 as the T4 recipe's frozen weights are (goal: loading adds
 < 0.65x the file, i.e. the float16 result plus pieces, never the float32 leaf and its
-cast copy together).
+cast copy together). Third, as a QLoRA run loads its frozen base: float16 and its
+matmul weights quantized to NF4 a layer at a time (`lora.layer_quantizer`), next to
+the result's own size (goal: loading adds little more than the NF4 result).
 """
 
 import argparse
@@ -32,9 +34,17 @@ def status(key):
 jax.devices()
 base = status("VmRSS:")
 t = time.time()
-params, cfg = checkpoint.load(sys.argv[1], dtype=sys.argv[2] if len(sys.argv) > 2 else None)
+dtype, kind = (sys.argv[2:] + ["", ""])[:2]
+transform = None
+if kind:
+  from paligemma import lora
+  def transform(name, shape):
+    lead = lora.quantize_plan(name, shape, kind)
+    return lora.layer_quantizer(kind, lead) if lead else None
+params, cfg = checkpoint.load(sys.argv[1], dtype=dtype or None, transform=transform)
 jax.block_until_ready(params)
-print(base, status("VmHWM:"), time.time() - t)
+size = sum(x.nbytes for x in jax.tree.leaves(params))
+print(base, status("VmHWM:"), time.time() - t, size)
 """
 
 
@@ -72,19 +82,21 @@ def main():
     write_random(cfg, path)
     size = os.path.getsize(path)
     runs = {}
-    for dtype in ("", "float16"):
-      out = subprocess.run([sys.executable, "-c", _CHILD, path] + ([dtype] if dtype else []),
+    for name, args in (("as stored", []), ("float16", ["float16"]),
+                       ("float16, NF4 matmul weights", ["float16", "nf4"])):
+      out = subprocess.run([sys.executable, "-c", _CHILD, path] + args,
                            check=True, capture_output=True, text=True).stdout.split()
-      runs[dtype or "as stored"] = int(out[0]), int(out[1]), float(out[2])
+      runs[name] = int(out[0]), int(out[1]), float(out[2]), int(out[3])
   finally:
     if os.path.exists(path):
       os.remove(path)
   gib = 2**30
   print(f"file {size / gib:.3f} GiB float32 (llm depth {cfg['llm']['depth']})")
-  for name, (base, peak, took) in runs.items():
-    print(f"  load {name}: {took:.1f}s; peak RSS {peak / gib:.3f} GiB = {peak / size:.2f}x "
-          f"file; before loading (jax imported) {base / gib:.3f} GiB; loading added "
-          f"{(peak - base) / gib:.3f} GiB = {(peak - base) / size:.2f}x file")
+  for name, (base, peak, took, result) in runs.items():
+    print(f"  load {name}: {took:.1f}s; result {result / gib:.3f} GiB; peak RSS "
+          f"{peak / gib:.3f} GiB = {peak / size:.2f}x file; before loading (jax imported) "
+          f"{base / gib:.3f} GiB; loading added {(peak - base) / gib:.3f} GiB = "
+          f"{(peak - base) / size:.2f}x file")
 
 
 if __name__ == "__main__":

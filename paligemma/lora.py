@@ -305,22 +305,29 @@ def quantize_frozen(frozen, kind, target=None):
   layer's float32 copy is the only temporary, and each full-precision leaf is released
   once quantized (when the caller holds no other reference). target: the sharding the
   quantized arrays are put on (the accelerator, where the float weights were loaded
-  into host memory); None: where each weight is. Other leaves stay as they are."""
+  into host memory); None: where each weight is. Other leaves, and those quantized
+  already (`layer_quantizer` while loading), stay as they are."""
   out = {}
   for name in list(frozen):
     w = frozen.pop(name)
-    lead = quantize_plan(name, w.shape, kind)
+    lead = None if isinstance(w, quant.QArray) else quantize_plan(name, w.shape, kind)
     if lead is None:
       out[name] = w
-      continue
-    put = (lambda x: x) if target is None else (lambda x: jax.device_put(x, target))
-    if lead == 0:
-      out[name] = _quantize_jit(put(w), kind, 0)
+    elif lead == 0:
+      out[name] = _quantize_jit(w if target is None else jax.device_put(w, target), kind, 0)
     else:
-      layers = [_quantize_jit(put(w[i]), kind, lead - 1) for i in range(w.shape[0])]
-      out[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+      quantize = layer_quantizer(kind, lead, target)
+      out[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *map(quantize, w))
     del w
   return out
+
+
+def layer_quantizer(kind, lead, target=None):
+  """The function quantizing one layer (one index of the leading axis) of a frozen weight
+  whose quantize_plan is `lead` >= 1, put on `target` first (None: where it is); for
+  checkpoint.load(transform=), which then holds one layer in host memory at a time."""
+  put = (lambda x: x) if target is None else (lambda x: jax.device_put(x, target))
+  return lambda layer: _quantize_jit(put(layer), kind, lead - 1)
 
 
 _quantize_jit = jax.jit(quant.quantize, static_argnums=(1, 2))

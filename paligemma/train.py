@@ -88,18 +88,28 @@ def init_params(config, model, mesh):
   quantize = config.lora.rank and config.lora.quantize
   is_frozen = frozen_names(config)
 
+  def quantize_plan(name, shape):
+    return lora_lib.quantize_plan(name, shape, quantize) if quantize and is_frozen(name) else None
+
   def place(path, shape):
     name = "/".join(path)
-    if quantize and is_frozen(name) and lora_lib.quantize_plan(name, shape, quantize) is not None:
-      # QLoRA: into host memory; quantize_frozen puts the 4/8-bit copy on the devices.
+    if quantize_plan(name, shape) is not None:
+      # QLoRA, a weight without layers: into host memory; quantize_frozen puts the
+      # 4/8-bit copy on the devices.
       return jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     return jax.sharding.NamedSharding(mesh, sharding.spec_for(mesh, rules, name, shape))
+
+  def quantize_layers(name, shape):
+    """QLoRA: a frozen stacked weight quantized a layer at a time as it loads, so the
+    host never holds more than one layer of it."""
+    lead = quantize_plan(name, shape)
+    return lora_lib.layer_quantizer(quantize, lead, sharding.replicated(mesh)) if lead else None
 
   text_len = config.input.text_len
   if config.model_init:
     params, model_config = checkpoint.load(
         config.model_init, config={"img": dict(config.model.img), "llm": dict(config.model.llm)},
-        dtype=dtype_for, sharding=place)
+        dtype=dtype_for, sharding=place, transform=quantize_layers)
     if model.lora:
       model = build_lib.build_model(config.model, lora=model.lora, **model_config)
       params = optim.flatten(params)

@@ -165,6 +165,45 @@ def test_quantized_base_is_near_the_float_base(kind, bound):
   assert np.abs(np.asarray(grads["llm/layers/mlp/linear_lora_b"])).max() > 0
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_qlora_load_quantizes_one_layer_at_a_time(kind, tmp_path, monkeypatch):
+  """checkpoint.load(transform=lora.layer_quantizer): the same QArrays as quantizing the
+  loaded float weights, while each quantized weight is read from the file a layer at a
+  time (the host never holds a whole stacked weight)."""
+  from conftest import random_params  # pylint: disable=g-import-not-at-top
+  from paligemma.checkpoint import loader  # pylint: disable=g-import-not-at-top
+  from paligemma.checkpoint import npz  # pylint: disable=g-import-not-at-top
+  cfg = CONFIGS["gemma2"]
+  npz.save_npz(random_params(cfg), tmp_path / "base.npz")
+  reads = []
+
+  def recording(source):
+    src = describe(source)
+    for name, leaf in src.leaves.items():
+      def read(start=None, stop=None, leaf=leaf, name=name):
+        reads.append((name, start, stop))
+        return leaf.read(start, stop)
+      src.leaves[name] = dataclasses.replace(leaf, read=read)
+    return src
+
+  describe = loader.describe
+  monkeypatch.setattr(loader, "describe", recording)
+  plan = lambda name, shape: lora_lib.quantize_plan(name, shape, kind)
+  got, _ = loader.load(tmp_path / "base.npz", transform=lambda name, shape: (
+      lora_lib.layer_quantizer(kind, plan(name, shape)) if plan(name, shape) else None))
+  got = flatten(got)
+  quantized = {k for k, v in got.items() if isinstance(v, quant.QArray)}
+  assert quantized == {k for k in got if lora_lib.layout(k)}
+  ranges = {(n, start, stop) for n, start, stop in reads if n in quantized}
+  assert ranges and all(stop - start == 1 for _, start, stop in ranges), sorted(ranges)
+  assert {n for n, *_ in ranges} == quantized
+  want = lora_lib.quantize_frozen(flatten(loader.load(tmp_path / "base.npz")[0]), kind)
+  for k, v in want.items():
+    for a, b in zip(jax.tree.leaves(got[k]), jax.tree.leaves(v)):
+      np.testing.assert_array_equal(a, b, err_msg=k)
+    assert jax.tree.structure(got[k]) == jax.tree.structure(v), k
+
+
 def test_merge_refuses_an_adapter_without_its_weight(adapted):
   _, model, params = adapted
   params = {k: v for k, v in params.items() if k != "llm/layers/mlp/linear"}

@@ -256,7 +256,8 @@ RULES = [
          check=_stdout_has(r"images/s")),
     Rule("bench checkpoint memory", r"python benchmarks/checkpoint_memory\.py --gb 1\.2",
          extra=("--gb", "0.01", "--dir", "."),
-         check=_stdout_has(r"load as stored: .*peak RSS[\s\S]*load float16: .*peak RSS")),
+         check=_stdout_has(r"load as stored: .*peak RSS[\s\S]*load float16: .*peak RSS"
+                           r"[\s\S]*load float16, NF4 matmul weights: .*peak RSS")),
 ]
 RULES_BY_NAME = {r.name: r for r in RULES}
 

@@ -1,5 +1,6 @@
 """`load`: any supported checkpoint -> (params, model_config), one leaf at a time."""
 
+import functools
 import os
 
 import jax
@@ -112,6 +113,36 @@ def _read_as(leaf, read, shape, dtype, partial):
   return out
 
 
+def _layers(leaf, read, shape, dtype, partial):
+  """The leaf's host arrays [i] of its leading axis, in `dtype`, one at a time: read
+  a layer at a time where the reader reads rows (leaf.partial), else read whole once."""
+  whole = None if partial else _read_as(leaf, read, shape, dtype, False)
+  for i in range(shape[0]):
+    arr = (whole[i] if whole is not None else
+           _read_as(leaf, lambda a, b, i=i: read(i + a, i + b), (1,) + shape[1:], dtype,
+                    True)[0])
+    yield np.ascontiguousarray(arr)
+
+
+def _stacked(layers, n):
+  """The `n` pytrees of `layers` (an iterator) stacked on a new leading axis, each
+  written into the result as it comes (donated): one layer more than the result at most,
+  not a list of layers and their stacked copy."""
+  out = None
+  for i, layer in enumerate(layers):
+    if out is None:
+      out = jax.tree.map(lambda x: jnp.zeros((n,) + x.shape, x.dtype, device=x.sharding),
+                         layer)
+    out = _set_layer(out, layer, i)
+  return out
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked, layer, i):
+  return jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, i, 0),
+                      stacked, layer)
+
+
 def _to_device(arr, sharding):
   """Host array -> jax.Array without holding the leaf twice where jax allows.
 
@@ -136,7 +167,7 @@ def _dtype_for(dtype, name, file_dtype):
 
 
 def load(source, *, config=None, dtype=None, sharding=None, stacked=True, progress=False,
-         adapter=None, merge=True):
+         adapter=None, merge=True, transform=None):
   """Checkpoint (.npz, HF dir, `kaggle:` handle) -> (params, model_config).
 
   config: optional (partial) model_config; a different vocab_size trims / extends the
@@ -146,6 +177,10 @@ def load(source, *, config=None, dtype=None, sharding=None, stacked=True, progre
     name -> dtype | None per leaf ("llm/layers/attn/q_einsum/w"; e.g. frozen leaves in
     float16, trainable ones in float32), so no leaf is ever held in two dtypes.
   sharding: a jax.sharding.Sharding, or callable(path_tuple, shape) -> Sharding.
+  transform: callable(name, shape) -> None, or a function of one layer (the host array
+    [i] of the leaf's leading axis, in the leaf's dtype) to a pytree of jax arrays; the
+    leaf is then those results stacked, and the host holds one layer of it at a time
+    (where the file reads rows): QLoRA's frozen weights are quantized as they load.
   stacked: False returns per-layer names (`encoderblock_{i}`, `layers_{i}`).
   adapter: a Hugging Face PEFT LoRA adapter directory (peft.py) to apply: merged into the
     weights (W + lora_alpha / r * B A), or, merge=False, returned as our adapter leaves
@@ -177,17 +212,17 @@ def load(source, *, config=None, dtype=None, sharding=None, stacked=True, progre
     # (A trimmed vocabulary just reads fewer rows.)
     partial = leaf.partial or read is not leaf.read  # (The adapted leaves are in memory.)
     out_dtype = _dtype_for(dtype, name, leaf.dtype)
+    layer_fn = transform(name, shape) if transform and stacked else None
+    if layer_fn is not None:
+      flat[name] = _stacked(map(layer_fn, _layers(leaf, read, shape, out_dtype, partial)),
+                            shape[0])
+      continue
     split = None if stacked else tree.stacked_group(name)
     if split is None:
       arr = _read_as(leaf, read, shape, out_dtype, partial)
       flat[name] = _to_device(arr, _sharding_for(sharding, tuple(name.split("/")), shape))
       continue
-    whole = None if partial else _read_as(leaf, read, shape, out_dtype, False)
-    for i in range(shape[0]):
+    for i, arr in enumerate(_layers(leaf, read, shape, out_dtype, partial)):
       layer = tree.per_layer_name(split[0], i, split[1])
-      arr = (whole[i] if whole is not None else
-             _read_as(leaf, lambda a, b, i=i: read(i + a, i + b), (1,) + shape[1:], out_dtype,
-                      True)[0])
-      flat[layer] = _to_device(np.ascontiguousarray(arr),
-                               _sharding_for(sharding, tuple(layer.split("/")), shape[1:]))
+      flat[layer] = _to_device(arr, _sharding_for(sharding, tuple(layer.split("/")), shape[1:]))
   return tree.unflatten(flat), model_config
