@@ -165,16 +165,22 @@ def test_quantized_base_is_near_the_float_base(kind, bound):
   assert np.abs(np.asarray(grads["llm/layers/mlp/linear_lora_b"])).max() > 0
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_qlora_load_quantizes_one_layer_at_a_time(kind, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind,fmt", [("nf4", "npz"), ("int8", "hf")])
+def test_qlora_load_quantizes_one_layer_at_a_time(kind, fmt, tmp_path, monkeypatch):
   """checkpoint.load(transform=lora.layer_quantizer): the same QArrays as quantizing the
-  loaded float weights, while each quantized weight is read from the file a layer at a
-  time (the host never holds a whole stacked weight)."""
+  loaded float weights, while each quantized weight is read from the file (a big_vision
+  .npz, or a Hugging Face directory) a layer at a time: the host never holds a whole
+  stacked weight."""
   from conftest import random_params  # pylint: disable=g-import-not-at-top
+  from paligemma import checkpoint  # pylint: disable=g-import-not-at-top
   from paligemma.checkpoint import loader  # pylint: disable=g-import-not-at-top
-  from paligemma.checkpoint import npz  # pylint: disable=g-import-not-at-top
   cfg = CONFIGS["gemma2"]
-  npz.save_npz(random_params(cfg), tmp_path / "base.npz")
+  path = tmp_path / "base"
+  if fmt == "npz":
+    path = tmp_path / "base.npz"
+    checkpoint.save_npz(random_params(cfg), path)
+  else:
+    checkpoint.save_hf(random_params(cfg), cfg, path)
   reads = []
 
   def recording(source):
@@ -189,7 +195,7 @@ def test_qlora_load_quantizes_one_layer_at_a_time(kind, tmp_path, monkeypatch):
   describe = loader.describe
   monkeypatch.setattr(loader, "describe", recording)
   plan = lambda name, shape: lora_lib.quantize_plan(name, shape, kind)
-  got, _ = loader.load(tmp_path / "base.npz", transform=lambda name, shape: (
+  got, _ = loader.load(path, transform=lambda name, shape: (
       lora_lib.layer_quantizer(kind, plan(name, shape)) if plan(name, shape) else None))
   got = flatten(got)
   quantized = {k for k, v in got.items() if isinstance(v, quant.QArray)}
@@ -197,7 +203,7 @@ def test_qlora_load_quantizes_one_layer_at_a_time(kind, tmp_path, monkeypatch):
   ranges = {(n, start, stop) for n, start, stop in reads if n in quantized}
   assert ranges and all(stop - start == 1 for _, start, stop in ranges), sorted(ranges)
   assert {n for n, *_ in ranges} == quantized
-  want = lora_lib.quantize_frozen(flatten(loader.load(tmp_path / "base.npz")[0]), kind)
+  want = lora_lib.quantize_frozen(flatten(loader.load(path)[0]), kind)
   for k, v in want.items():
     for a, b in zip(jax.tree.leaves(got[k]), jax.tree.leaves(v)):
       np.testing.assert_array_equal(a, b, err_msg=k)
