@@ -299,8 +299,9 @@ def _logits(model, params, head, x):
   """float32[B, V] from the LLM's features float[B, D]: the tied output layer, through
   `head` float[D, V] (the embedding transposed) where the decoder made one."""
   if head is None:
-    return gemma.tied_logits(x, gemma.embedding(params, model.lora), model.dtype,
-                             model.llm.final_logits_softcap)
+    return gemma.output_logits(x, params["llm"]["embedder"]["input_embedding"],
+                               gemma.token_rows(params, model.lora), model.dtype,
+                               model.llm.final_logits_softcap)
   z = jnp.einsum("...D,DV->...V", x.astype(model.dtype), head.astype(model.dtype),
                  preferred_element_type=jnp.float32)
   return layers.softcap(z, model.llm.final_logits_softcap)

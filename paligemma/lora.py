@@ -107,6 +107,19 @@ def embedding_table(embedding, rows, ids):
   return embedding.at[jnp.asarray(ids, jnp.int32)].set(rows.astype(embedding.dtype))
 
 
+def embed(embedding, rows, ids, tokens):
+  """embedding[tokens] float[..., D], the tokens `ids` (sorted) taking their row from
+  `rows` float[n, D] (rows None: none). The same as indexing embedding_table, without
+  forming it: the gradient reaches `rows` by a gather of n rows, not a [V, D] scatter."""
+  x = jnp.take(embedding, tokens, axis=0)
+  if rows is None:
+    return x
+  ids = jnp.asarray(ids, jnp.int32)
+  pos = jnp.clip(jnp.searchsorted(ids, tokens), 0, ids.shape[0] - 1)
+  hit = (ids[pos] == tokens)[..., None]
+  return jnp.where(hit, jnp.take(rows, pos, axis=0).astype(x.dtype), x)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """How one weight's adapter is laid out (see the module docstring)."""

@@ -57,6 +57,33 @@ def test_value_and_gradients_match_autodiff(monkeypatch, recompute, cap, ls):
   assert float(jnp.max(jnp.abs(g1[0][1]))) == 0.0
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_token_rows_value_and_gradients_match_autodiff(monkeypatch, recompute, cap):
+  """token_rows (config.lora.tokens): the loss of the embedding with those rows replaced,
+  and its gradients for the features, the embedding (none at the replaced rows) and the
+  rows, as autodiff of that table gives them."""
+  monkeypatch.setattr(loss_lib, "TOKEN_CHUNK", 8)
+  monkeypatch.setattr(loss_lib, "CHUNK_BYTES", 256 * 4 * D)
+  x, e, targets, mask = _inputs(2)
+  ids = (3, 17, 260, 299)  # In the whole chunk and in the vocabulary's tail.
+  rows = jax.random.normal(jax.random.PRNGKey(7), (len(ids), D)) * 0.5
+  targets = targets.at[0, 6:9].set(jnp.asarray(ids[1:]))  # Some targets are those tokens.
+  fused = lambda x, e, r: loss_lib.suffix_loss_from_features(
+      x, e, targets, mask, softcap=cap, label_smoothing=0.1, recompute=recompute,
+      token_rows=(r, ids))
+  ref = lambda x, e, r: _reference(x, e.at[jnp.asarray(ids)].set(r), targets, mask, cap, 0.1)
+  (v1, g1), (v2, g2) = [jax.value_and_grad(f, argnums=(0, 1, 2))(x, e, rows)
+                        for f in (fused, ref)]
+  assert abs(float(v1) - float(v2)) < 1e-5 * max(1.0, abs(float(v2)))
+  for a, b, name in zip(g1, g2, ("features", "embedding", "token rows")):
+    scale = float(jnp.max(jnp.abs(b)))
+    assert scale > 0
+    err = float(jnp.max(jnp.abs(a - b)))
+    assert err < 1e-5 * scale, f"d loss / d {name}: max error {err} (scale {scale})"
+  assert float(jnp.max(jnp.abs(g1[1][jnp.asarray(ids)]))) == 0.0
+
+
 def test_bfloat16_storage_and_compute():
   x, e, targets, mask = _inputs(1)
   xb, eb = x.astype(jnp.bfloat16), e.astype(jnp.bfloat16)

@@ -195,7 +195,9 @@ class Gemma(nn.Module):
 
   def logits(self, x):
     """float[B, ..., D] (final-normed) -> float32[B, ..., V] (see `tied_logits`)."""
-    return tied_logits(x, self.embedder.table(), self.dtype, self.config.final_logits_softcap)
+    e = self.embedder
+    rows = None if e.token_rows is None else (e.token_rows, e.token_ids)
+    return output_logits(x, e.input_embedding, rows, self.dtype, self.config.final_logits_softcap)
 
   def is_local(self):
     """bool[L]: which layers use the sliding window (even ones, as transformers)."""
@@ -243,24 +245,30 @@ class Embedder(layers.Layer):
           lora_lib.TOKENS_PARAM,
           lambda *_: jnp.take(self.input_embedding, jnp.asarray(self.token_ids), axis=0))
 
-  def table(self):
-    """float[V, D]: the embedding the input and the output layer read."""
-    return lora_lib.embedding_table(self.input_embedding, self.token_rows, self.token_ids)
-
   def encode(self, tokens):
-    x = jnp.take(self.table(), tokens, axis=0).astype(self.dtype)
-    return x * jnp.sqrt(self.width).astype(self.dtype)
+    x = lora_lib.embed(self.input_embedding, self.token_rows, self.token_ids, tokens)
+    return x.astype(self.dtype) * jnp.sqrt(self.width).astype(self.dtype)
 
 
-def embedding(params, lora):
-  """The embedding float[V, D] the model reads (`Embedder.table`), from its params tree:
-  for the loss and the decoder, which apply the output layer outside the model."""
+def token_rows(params, lora):
+  """(rows float[n, D], their sorted token ids) of config.lora.tokens from the params
+  tree, or None: for the loss and the decoder, which apply the output layer outside the
+  model."""
   embedder = params["llm"]["embedder"]
-  e = embedder["input_embedding"]
   rows = embedder.get(lora_lib.TOKENS_PARAM)
   if rows is None:
-    return e
-  return lora_lib.embedding_table(e, rows, lora_lib.token_ids(lora.tokens, e.shape[0]))
+    return None
+  return rows, lora_lib.token_ids(lora.tokens, embedder["input_embedding"].shape[0])
+
+
+def output_logits(x, embedding, rows, dtype, softcap=None):
+  """`tied_logits`, the columns of the trainable tokens (`rows`: token_rows, or None)
+  computed from their rows: the logits of lora.embedding_table's table, without it."""
+  z = tied_logits(x, embedding, dtype, softcap)
+  if rows is None:
+    return z
+  r, ids = rows
+  return z.at[..., jnp.asarray(ids, jnp.int32)].set(tied_logits(x, r, dtype, softcap))
 
 
 def tied_logits(x, embedding, dtype, softcap=None):

@@ -25,6 +25,7 @@ backward pass writes d loss / d logits = (softmax - target) * weight in one pass
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,19 +54,24 @@ def suffix_loss(logits, targets, mask_loss, label_smoothing=0.0):
 
 
 def suffix_loss_from_features(features, embedding, targets, mask_loss, *, dtype="float32",
-                              softcap=None, label_smoothing=0.0, recompute=False):
+                              softcap=None, label_smoothing=0.0, recompute=False,
+                              token_rows=None):
   """float32[] loss of the logits `softcap(features @ embedding.T)`, as `suffix_loss`.
 
   features float[B, T, D] (the final-normed LLM output, Model.text_features);
   embedding float[V, D] (llm/embedder/input_embedding, any storage dtype); the matmuls run
   in `dtype` with float32 accumulation, as the model's output layer (gemma.tied_logits).
   targets int32[B, T]; mask_loss int[B, T]. recompute: see the module docstring.
+  token_rows: None, or (rows float[n, D], sorted token ids) replacing those rows of the
+  embedding (config.lora.tokens, gemma.token_rows); their gradient is formed from the n
+  tokens' logits alone, not through a [V, D] gradient of the embedding.
   """
   b, t, d = features.shape
   weights = token_weights(mask_loss).reshape(b * t)
-  return _output_xent(features.reshape(b * t, d), embedding, targets.reshape(b * t), weights,
-                      jnp.dtype(dtype), softcap or None, float(label_smoothing),
-                      bool(recompute))
+  rows, ids = token_rows if token_rows is not None else (None, ())
+  return _output_xent(features.reshape(b * t, d), embedding, rows, targets.reshape(b * t),
+                      weights, jnp.dtype(dtype), softcap or None, float(label_smoothing),
+                      bool(recompute), tuple(ids))
 
 
 # -- the custom gradient ---------------------------------------------------------------
@@ -85,10 +91,10 @@ def _target_logit(z, t, start):
   return jnp.where(inside, picked, 0.0)
 
 
-def _dlogits(probs, t, start, coef, vocab, ls, cap, z):
-  """d loss / d (pre-cap) logits of vocabulary rows `start`.., float32[M, C], from the
-  softmax `probs` (and the capped logits z, whose cap's derivative needs them)."""
-  hit = (jnp.arange(probs.shape[1])[None, :] + start) == t[:, None]
+def _dlogits(probs, t, cols, coef, vocab, ls, cap, z):
+  """d loss / d (pre-cap) logits of the vocabulary rows `cols` int32[C], float32[M, C],
+  from the softmax `probs` (and the capped logits z, whose cap's derivative needs them)."""
+  hit = cols[None, :] == t[:, None]
   dz = probs - jnp.where(hit, 1.0 - ls, 0.0)
   if ls:
     dz = dz - ls / vocab
@@ -151,7 +157,8 @@ def _chunk_grads(x, e, t, lse, coef, kept, de, dtype, cap, ls, rows):
   vocab = e.shape[0]
 
   def grads(probs, z, e_c, start):
-    dz = _dlogits(probs, t, start, coef, vocab, ls, cap, z).astype(dtype)
+    cols = jnp.arange(probs.shape[1]) + start
+    dz = _dlogits(probs, t, cols, coef, vocab, ls, cap, z).astype(dtype)
     dx = jnp.einsum("MC,CD->MD", dz, e_c.astype(dtype), preferred_element_type=jnp.float32)
     de = jnp.einsum("MC,MD->CD", dz, x.astype(dtype), preferred_element_type=jnp.float32)
     return dx, de
@@ -183,6 +190,16 @@ def _chunk_grads(x, e, t, lse, coef, kept, de, dtype, cap, ls, rows):
   return carry
 
 
+def _rows_grad(x, r, ids, t, lse, coef, vocab, dtype, cap, ls):
+  """d loss / d token rows float32[n, D] (rows r float[n, D] of the sorted token `ids`),
+  from the n logits of each token x float[N, D] and its logsumexp; tokens of weight 0
+  (coef) contribute nothing, whatever their (unset) lse."""
+  z = _logits(x, r, dtype, cap)
+  probs = jnp.where((coef != 0)[:, None], jnp.exp(z - lse[:, None]), 0.0)
+  dz = _dlogits(probs, t, jnp.asarray(ids, jnp.int32), coef, vocab, ls, cap, z).astype(dtype)
+  return jnp.einsum("NC,ND->CD", dz, x.astype(dtype), preferred_element_type=jnp.float32)
+
+
 def _per_token(lse, target_logit, logit_sum, vocab, ls):
   """float32[M] cross-entropy (with label smoothing) from its three per-token sums."""
   if not ls:
@@ -190,12 +207,48 @@ def _per_token(lse, target_logit, logit_sum, vocab, ls):
   return lse - (1.0 - ls) * target_logit - ls * logit_sum / vocab
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _output_xent(x, e, t, w, dtype, cap, ls, recompute):
-  return _output_xent_fwd(x, e, t, w, dtype, cap, ls, recompute)[0]
+def _table(e, r, ids):
+  """The embedding the logits use: e, with the rows `ids` from r (token rows)."""
+  return e if not ids else e.at[jnp.asarray(ids, jnp.int32)].set(r.astype(e.dtype))
 
 
-def _output_xent_fwd(x, e, t, w, dtype, cap, ls, recompute):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _output_xent(x, e, r, t, w, dtype, cap, ls, recompute, ids):
+  return _output_xent_fwd(x, e, r, t, w, dtype, cap, ls, recompute, ids)[0]
+
+
+def _output_xent_fwd(x, e, r, t, w, dtype, cap, ls, recompute, ids):
+  loss, res = _xent_fwd(x, _table(e, r, ids), t, w, dtype, cap, ls, recompute)
+  return loss, (res._replace(e=None), e, r)  # (The table is made again, not kept.)
+
+
+def _output_xent_bwd(dtype, cap, ls, recompute, ids, res, g):
+  res, e, r = res
+  dx, de = _xent_bwd(dtype, cap, ls, recompute, res._replace(e=_table(e, r, ids)), g)
+  if not ids:
+    return dx, de, None, None, None
+  # The table's rows `ids` are r's: theirs from the n logits alone (the table's gradient,
+  # de, is then unused where e is frozen, and XLA drops it).
+  chunks, m, d = res.xs.shape
+  coef = (res.ws * g).reshape(-1)
+  dr = _rows_grad(res.xs.reshape(-1, d), r, ids, res.ts.reshape(-1), res.lse.reshape(-1),
+                  coef, e.shape[0], dtype, cap, ls)
+  de = de.at[jnp.asarray(ids, jnp.int32)].set(0)
+  return dx, de, dr.astype(r.dtype), None, None
+
+
+class _Saved(NamedTuple):
+  xs: jax.Array
+  e: jax.Array
+  ts: jax.Array
+  ws: jax.Array
+  order: jax.Array | None
+  live: jax.Array
+  lse: jax.Array
+  kept: object
+
+
+def _xent_fwd(x, e, t, w, dtype, cap, ls, recompute):
   n, d = x.shape
   vocab = e.shape[0]
   # Without recompute: one chunk of all tokens (one matmul; what the backward needs kept).
@@ -226,10 +279,10 @@ def _output_xent_fwd(x, e, t, w, dtype, cap, ls, recompute):
   if chunks > 1:
     _, rest = jax.lax.scan(body, None, (jnp.arange(1, chunks), xs[1:], ts[1:], ws[1:]))
     loss, lse = loss + jnp.sum(rest[0]), jnp.concatenate([lse, rest[1]])
-  return loss, (xs, e, ts, ws, order, live, lse, first[2])
+  return loss, _Saved(xs, e, ts, ws, order, live, lse, first[2])
 
 
-def _output_xent_bwd(dtype, cap, ls, recompute, res, g):
+def _xent_bwd(dtype, cap, ls, recompute, res, g):
   xs, e, ts, ws, order, live, lse, kept = res
   chunks, m, d = xs.shape
   rows = _vocab_rows(m, d, e.shape[0]) if recompute else None
@@ -246,7 +299,7 @@ def _output_xent_bwd(dtype, cap, ls, recompute, res, g):
     de, dxs = jax.lax.scan(body, de, jnp.arange(1, chunks))
     dx = jnp.concatenate([dx[None], dxs]).reshape(chunks * m, d)
     dx = dx[jnp.argsort(order)]  # Back to the token order (and without the padding).
-  return dx.astype(xs.dtype), de.astype(e.dtype), None, None
+  return dx.astype(xs.dtype), de.astype(e.dtype)
 
 
 _output_xent.defvjp(_output_xent_fwd, _output_xent_bwd)

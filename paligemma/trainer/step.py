@@ -76,9 +76,10 @@ def make_train_step(model, tx, lr_fn, *, label_smoothing=0.0, accum_steps=1, dro
     if loss_len is not None and loss_len < mask.shape[1]:
       mask, targets, features = _loss_tokens_first(loss_len, mask, targets, features)
     return loss_lib.suffix_loss_from_features(
-        features, gemma.embedding(params, model.lora), targets, mask, dtype=model.dtype,
-        softcap=model.llm.final_logits_softcap, label_smoothing=label_smoothing,
-        recompute=remat)
+        features, params["llm"]["embedder"]["input_embedding"], targets, mask,
+        dtype=model.dtype, softcap=model.llm.final_logits_softcap,
+        label_smoothing=label_smoothing, recompute=remat,
+        token_rows=gemma.token_rows(params, model.lora))
 
   grad_fn = jax.value_and_grad(loss_fn)
 
