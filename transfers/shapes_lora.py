@@ -9,7 +9,7 @@ adapters on the LLM's attention and MLP weights and SigLIP's q/k/v (targets "pef
 the embedding rows of the `<loc>` tokens the task uses (lora.tokens), learn
 `detect circle ; square ; triangle`. The caption model never saw a `<loc>` token: its rows
 of them are still random, and without training them the boxes stay rough (mean IoU about
-0.5 instead of 0.8). The trainer writes them to
+0.5 instead of 0.9). The trainer writes them to
 /tmp/shapes_lora/adapter (a PEFT adapter directory); predict and evaluate take it with
 `--adapter`. Arguments (`:key=value,...`): base, rank, steps, batch_size, quantize
 (None | int8 | nf4: the frozen base stored so, QLoRA), evals.

@@ -22,10 +22,12 @@ backward pass writes d loss / d logits = (softmax - target) * weight in one pass
                    are most of a captioning batch), and the vocabulary C embedding rows at
                    a time; nothing of size V is kept, and the backward pass makes the
                    logits again. The trainer uses it with model remat.
+Trainable token rows (config.lora.tokens, `token_rows`) take the place of those rows of
+the embedding without a copy of it: their n logit columns are set from them, and their
+gradient comes from those columns, while the embedding's own rows there get none.
 """
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -116,15 +118,27 @@ def _vocab_rows(tokens, width, vocab):
   return int(min(vocab, max(256, CHUNK_BYTES // (4 * max(tokens, width)))))
 
 
-def _chunk_stats(x, e, t, dtype, cap, ls, rows):
+def _set_columns(z, ids, start, values):
+  """z float32[M, C] (the logits of vocabulary rows start..) with its columns of the
+  token `ids` that fall in it set to `values` ([M, n], or a scalar)."""
+  i = jnp.asarray(ids, jnp.int32) - start
+  i = jnp.where((i >= 0) & (i < z.shape[1]), i, z.shape[1])  # Outside: dropped.
+  return z.at[:, i].set(values, mode="drop")
+
+
+def _chunk_stats(x, e, r, ids, t, dtype, cap, ls, rows):
   """(logsumexp, target logit, sum of logits float32[M], kept for the backward pass).
 
   rows None: one matmul over the vocabulary; kept: exp(logits - max) and its row sums
   (the backward pass then needs no exp), or the logits when soft-capped. Else an online
-  logsumexp over chunks of `rows` embedding rows, nothing kept.
+  logsumexp over chunks of `rows` embedding rows, nothing kept. The columns of the token
+  `ids` are the logits of their rows r.
   """
+  z_r = _logits(x, r, dtype, cap) if ids else None
+  logits = lambda e_c, start: (_logits(x, e_c, dtype, cap) if z_r is None else
+                               _set_columns(_logits(x, e_c, dtype, cap), ids, start, z_r))
   if rows is None:
-    z = _logits(x, e, dtype, cap)
+    z = logits(e, 0)
     m = jnp.max(z, axis=1)
     p = jnp.exp(z - m[:, None])
     s = jnp.sum(p, axis=1)
@@ -133,7 +147,7 @@ def _chunk_stats(x, e, t, dtype, cap, ls, rows):
 
   def visit(carry, e_c, start):
     m, s, tgt, zsum = carry
-    z = _logits(x, e_c, dtype, cap)
+    z = logits(e_c, start)
     m_new = jnp.maximum(m, jnp.max(z, axis=1))
     s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
     zsum = zsum + jnp.sum(z, axis=1) if ls else zsum
@@ -151,28 +165,39 @@ def _chunk_stats(x, e, t, dtype, cap, ls, rows):
   return m + jnp.log(s), tgt, zsum, None
 
 
-def _chunk_grads(x, e, t, lse, coef, kept, de, dtype, cap, ls, rows):
-  """(dx float32[M, D], de + this chunk's d loss / d e float32[V, D]); de None: zeros.
-  kept: what _chunk_stats kept (rows None), else the logits are made again."""
+def _chunk_grads(x, e, r, ids, t, lse, coef, kept, de, dtype, cap, ls, rows):
+  """(dx float32[M, D], de + this chunk's d loss / d e float32[V, D], this chunk's d loss
+  / d r float32[n, D] or None); de None: zeros. kept: what _chunk_stats kept (rows None),
+  else the logits are made again. The columns of the token `ids` go to r, not to e."""
   vocab = e.shape[0]
 
   def grads(probs, z, e_c, start):
     cols = jnp.arange(probs.shape[1]) + start
-    dz = _dlogits(probs, t, cols, coef, vocab, ls, cap, z).astype(dtype)
+    dz = _dlogits(probs, t, cols, coef, vocab, ls, cap, z)
+    dz = (dz if not ids else _set_columns(dz, ids, start, 0.0)).astype(dtype)
     dx = jnp.einsum("MC,CD->MD", dz, e_c.astype(dtype), preferred_element_type=jnp.float32)
     de = jnp.einsum("MC,MD->CD", dz, x.astype(dtype), preferred_element_type=jnp.float32)
     return dx, de
 
+  dx, dr = jnp.zeros(x.shape, jnp.float32), None
+  if ids:  # The token rows' columns, from their logits (tokens of weight 0: nothing).
+    z_r = _logits(x, r, dtype, cap)
+    probs = jnp.where((coef != 0)[:, None], jnp.exp(z_r - lse[:, None]), 0.0)
+    dz = _dlogits(probs, t, jnp.asarray(ids, jnp.int32), coef, vocab, ls, cap, z_r)
+    dz = dz.astype(dtype)
+    dx = jnp.einsum("MC,CD->MD", dz, r.astype(dtype), preferred_element_type=jnp.float32)
+    dr = jnp.einsum("MC,MD->CD", dz, x.astype(dtype), preferred_element_type=jnp.float32)
+
   softmax = lambda z: jnp.exp(z - lse[:, None])
   if rows is None:
     if cap:
-      dx, de_c = grads(softmax(kept), kept, e, 0)
+      dx_e, de_c = grads(softmax(kept), kept, e, 0)
     else:
       p, s = kept
-      dx, de_c = grads(p * (1.0 / s)[:, None], None, e, 0)
-    return dx, de_c if de is None else de + de_c
+      dx_e, de_c = grads(p * (1.0 / s)[:, None], None, e, 0)
+    return dx + dx_e, de_c if de is None else de + de_c, dr
 
-  def visit(carry, e_c, start):
+  def visit(carry, e_c, start):  # (The token rows' columns are zeroed: no need to set.)
     dx, de = carry
     z = _logits(x, e_c, dtype, cap)
     dx_c, de_c = grads(softmax(z), z, e_c, start)
@@ -180,24 +205,13 @@ def _chunk_grads(x, e, t, lse, coef, kept, de, dtype, cap, ls, rows):
     return dx + dx_c, jax.lax.dynamic_update_slice_in_dim(de, de_c, start, 0)
 
   de = jnp.zeros(e.shape, jnp.float32) if de is None else de
-  carry = (jnp.zeros(x.shape, jnp.float32), de)
   full, tail_start, tail = _vocab_chunks(vocab, rows)
   carry, _ = jax.lax.scan(
       lambda c, i: (visit(c, jax.lax.dynamic_slice_in_dim(e, i * rows, rows), i * rows), None),
-      carry, jnp.arange(full))
+      (dx, de), jnp.arange(full))
   if tail:
     carry = visit(carry, e[tail_start:], tail_start)
-  return carry
-
-
-def _rows_grad(x, r, ids, t, lse, coef, vocab, dtype, cap, ls):
-  """d loss / d token rows float32[n, D] (rows r float[n, D] of the sorted token `ids`),
-  from the n logits of each token x float[N, D] and its logsumexp; tokens of weight 0
-  (coef) contribute nothing, whatever their (unset) lse."""
-  z = _logits(x, r, dtype, cap)
-  probs = jnp.where((coef != 0)[:, None], jnp.exp(z - lse[:, None]), 0.0)
-  dz = _dlogits(probs, t, jnp.asarray(ids, jnp.int32), coef, vocab, ls, cap, z).astype(dtype)
-  return jnp.einsum("NC,ND->CD", dz, x.astype(dtype), preferred_element_type=jnp.float32)
+  return (*carry, dr)
 
 
 def _per_token(lse, target_logit, logit_sum, vocab, ls):
@@ -207,48 +221,12 @@ def _per_token(lse, target_logit, logit_sum, vocab, ls):
   return lse - (1.0 - ls) * target_logit - ls * logit_sum / vocab
 
 
-def _table(e, r, ids):
-  """The embedding the logits use: e, with the rows `ids` from r (token rows)."""
-  return e if not ids else e.at[jnp.asarray(ids, jnp.int32)].set(r.astype(e.dtype))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
 def _output_xent(x, e, r, t, w, dtype, cap, ls, recompute, ids):
   return _output_xent_fwd(x, e, r, t, w, dtype, cap, ls, recompute, ids)[0]
 
 
 def _output_xent_fwd(x, e, r, t, w, dtype, cap, ls, recompute, ids):
-  loss, res = _xent_fwd(x, _table(e, r, ids), t, w, dtype, cap, ls, recompute)
-  return loss, (res._replace(e=None), e, r)  # (The table is made again, not kept.)
-
-
-def _output_xent_bwd(dtype, cap, ls, recompute, ids, res, g):
-  res, e, r = res
-  dx, de = _xent_bwd(dtype, cap, ls, recompute, res._replace(e=_table(e, r, ids)), g)
-  if not ids:
-    return dx, de, None, None, None
-  # The table's rows `ids` are r's: theirs from the n logits alone (the table's gradient,
-  # de, is then unused where e is frozen, and XLA drops it).
-  chunks, m, d = res.xs.shape
-  coef = (res.ws * g).reshape(-1)
-  dr = _rows_grad(res.xs.reshape(-1, d), r, ids, res.ts.reshape(-1), res.lse.reshape(-1),
-                  coef, e.shape[0], dtype, cap, ls)
-  de = de.at[jnp.asarray(ids, jnp.int32)].set(0)
-  return dx, de, dr.astype(r.dtype), None, None
-
-
-class _Saved(NamedTuple):
-  xs: jax.Array
-  e: jax.Array
-  ts: jax.Array
-  ws: jax.Array
-  order: jax.Array | None
-  live: jax.Array
-  lse: jax.Array
-  kept: object
-
-
-def _xent_fwd(x, e, t, w, dtype, cap, ls, recompute):
   n, d = x.shape
   vocab = e.shape[0]
   # Without recompute: one chunk of all tokens (one matmul; what the backward needs kept).
@@ -264,7 +242,7 @@ def _xent_fwd(x, e, t, w, dtype, cap, ls, recompute):
   rows = _vocab_rows(m, d, vocab) if recompute else None
 
   def stats(x_c, t_c, w_c):
-    lse, tgt, zsum, kept = _chunk_stats(x_c, e, t_c, dtype, cap, ls, rows)
+    lse, tgt, zsum, kept = _chunk_stats(x_c, e, r, ids, t_c, dtype, cap, ls, rows)
     return jnp.sum(w_c * _per_token(lse, tgt, zsum, vocab, ls)), lse, kept
 
   # The first chunk always (no zeros to start from); the others only where live.
@@ -279,27 +257,35 @@ def _xent_fwd(x, e, t, w, dtype, cap, ls, recompute):
   if chunks > 1:
     _, rest = jax.lax.scan(body, None, (jnp.arange(1, chunks), xs[1:], ts[1:], ws[1:]))
     loss, lse = loss + jnp.sum(rest[0]), jnp.concatenate([lse, rest[1]])
-  return loss, _Saved(xs, e, ts, ws, order, live, lse, first[2])
+  return loss, (xs, e, r, ts, ws, order, live, lse, first[2])
 
 
-def _xent_bwd(dtype, cap, ls, recompute, res, g):
-  xs, e, ts, ws, order, live, lse, kept = res
+def _output_xent_bwd(dtype, cap, ls, recompute, ids, res, g):
+  xs, e, r, ts, ws, order, live, lse, kept = res
   chunks, m, d = xs.shape
   rows = _vocab_rows(m, d, e.shape[0]) if recompute else None
-  grads = lambda i, de, kept=None: _chunk_grads(xs[i], e, ts[i], lse[i], ws[i] * g, kept, de,
-                                                dtype, cap, ls, rows)
-  dx, de = grads(0, None, kept)
+  grads = lambda i, de, kept=None: _chunk_grads(
+      xs[i], e, r, ids, ts[i], lse[i], ws[i] * g, kept, de, dtype, cap, ls, rows)
+  dx, de, dr = grads(0, None, kept)
 
-  def body(de, i):
-    skip = lambda de: (jnp.zeros((m, d), jnp.float32), de)
-    dx, de = jax.lax.cond(i < live, lambda de: grads(i, de), skip, de)
-    return de, dx
+  def body(carry, i):
+    def skip(carry):
+      return jnp.zeros((m, d), jnp.float32), *carry
+
+    def run(carry):
+      de, dr = carry
+      dx, de, dr_c = grads(i, de)
+      return dx, de, dr if dr_c is None else dr + dr_c
+
+    dx, *carry = jax.lax.cond(i < live, run, skip, carry)
+    return tuple(carry), dx
 
   if chunks > 1:
-    de, dxs = jax.lax.scan(body, de, jnp.arange(1, chunks))
+    (de, dr), dxs = jax.lax.scan(body, (de, dr), jnp.arange(1, chunks))
     dx = jnp.concatenate([dx[None], dxs]).reshape(chunks * m, d)
     dx = dx[jnp.argsort(order)]  # Back to the token order (and without the padding).
-  return dx.astype(xs.dtype), de.astype(e.dtype)
+  return (dx.astype(xs.dtype), de.astype(e.dtype), None if dr is None else dr.astype(r.dtype),
+          None, None)
 
 
 _output_xent.defvjp(_output_xent_fwd, _output_xent_bwd)
