@@ -54,7 +54,6 @@ import weakref
 import jax
 import jax.numpy as jnp
 
-from paligemma import lora as lora_lib
 from paligemma import sharding
 from paligemma import tokenizer as tokenizer_lib
 from paligemma.models import gemma
@@ -258,8 +257,6 @@ class Decoder:
     """
     if layout is not None or rows < _HEAD_MIN_ROWS or jax.default_backend() != "cpu":
       return None  # (Sharded: decoding lays the embedding out over the mesh instead.)
-    if lora_lib.TOKENS_PARAM in params["llm"]["embedder"]:
-      return None  # Trainable token rows (LoRA, unmerged): the table changes as they train.
     emb = params["llm"]["embedder"]["input_embedding"]
     if isinstance(emb, jax.core.Tracer):
       return None  # Under a trace: nothing to keep; the caller's jit has the embedding.
@@ -297,14 +294,15 @@ _transpose = jax.jit(jnp.transpose)
 
 def _logits(model, params, head, x):
   """float32[B, V] from the LLM's features float[B, D]: the tied output layer, through
-  `head` float[D, V] (the embedding transposed) where the decoder made one."""
+  `head` float[D, V] (the embedding transposed) where the decoder made one; trainable
+  token rows (LoRA, unmerged) set their columns either way."""
+  rows, cap = gemma.token_rows(params, model.lora), model.llm.final_logits_softcap
   if head is None:
-    return gemma.output_logits(x, params["llm"]["embedder"]["input_embedding"],
-                               gemma.token_rows(params, model.lora), model.dtype,
-                               model.llm.final_logits_softcap)
+    return gemma.output_logits(x, params["llm"]["embedder"]["input_embedding"], rows,
+                               model.dtype, cap)
   z = jnp.einsum("...D,DV->...V", x.astype(model.dtype), head.astype(model.dtype),
                  preferred_element_type=jnp.float32)
-  return layers.softcap(z, model.llm.final_logits_softcap)
+  return gemma.with_token_rows(layers.softcap(z, cap), x, rows, model.dtype, cap)
 
 
 def _prefill(model, steps, layout, params, head, image, text, mask_ar, mask_input):

@@ -264,7 +264,12 @@ def token_rows(params, lora):
 def output_logits(x, embedding, rows, dtype, softcap=None):
   """`tied_logits`, the columns of the trainable tokens (`rows`: token_rows, or None)
   computed from their rows: the logits of lora.embedding_table's table, without it."""
-  z = tied_logits(x, embedding, dtype, softcap)
+  return with_token_rows(tied_logits(x, embedding, dtype, softcap), x, rows, dtype, softcap)
+
+
+def with_token_rows(z, x, rows, dtype, softcap=None):
+  """Logits z float32[..., V] of features x with the trainable tokens' columns set from
+  their rows (`rows`: token_rows, or None: z as it is)."""
   if rows is None:
     return z
   r, ids = rows
