@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=wrong-import-position
+from paligemma import clean_exit  # pylint: disable=wrong-import-position
 
 BATCH_SIZES = (1, 16)
 
@@ -149,4 +150,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  clean_exit.run(main)

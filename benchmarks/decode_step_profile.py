@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=wrong-import-position
+from paligemma import clean_exit  # pylint: disable=wrong-import-position
 
 from paligemma import decode  # pylint: disable=wrong-import-position
 from paligemma.models import build  # pylint: disable=wrong-import-position
@@ -78,4 +79,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  clean_exit.run(main)

@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # pylint: disable=g-import-not-at-top
 from PIL import Image  # pylint: disable=g-import-not-at-top
 
+from paligemma import clean_exit  # pylint: disable=g-import-not-at-top
 from paligemma import tokenizer  # pylint: disable=g-import-not-at-top
 from paligemma.data import pipeline  # pylint: disable=g-import-not-at-top
 
@@ -76,4 +77,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  clean_exit.run(main)

@@ -17,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=wrong-import-position
+from paligemma import clean_exit  # pylint: disable=wrong-import-position
 import train_step  # pylint: disable=wrong-import-position
 
 RANK = 8
@@ -98,4 +99,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  clean_exit.run(main)

@@ -20,6 +20,7 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from paligemma import clean_exit  # pylint: disable=wrong-import-position
 from paligemma.data import shapes  # pylint: disable=wrong-import-position
 
 
@@ -56,4 +57,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  clean_exit.run(main)

@@ -25,6 +25,8 @@ import sys
 from absl import app
 import ml_collections
 
+from paligemma import clean_exit
+
 # Dicts whose keys are not fixed by the trainer's schema: new keys may be added there
 # (their owners validate them: the tower variants, make_source, optax, the evaluators).
 FREE_FORM = ("model.img", "model.llm", "input.data", "optim.kwargs", "optim.schedule",
@@ -305,7 +307,7 @@ def run(main):
     except (ConfigError, FileNotFoundError) as e:  # A bad key, value or path: one line.
       _fail(e)
 
-  app.run(wrapped, flags_parser=parse)
+  clean_exit.run(app.run, wrapped, flags_parser=parse)
 
 
 def _fail(error):

@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 from paligemma import checkpoint
+from paligemma import clean_exit
 from paligemma import predict
 from paligemma.checkpoint import kaggle
 
@@ -119,4 +120,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  clean_exit.run(main)

@@ -24,6 +24,7 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+from paligemma import clean_exit
 from paligemma import predict as predict_lib
 
 TASKS = ("caption", "answer", "detect", "segment", "free prompt")
@@ -217,4 +218,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  clean_exit.run(main)

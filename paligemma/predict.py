@@ -27,6 +27,7 @@ import sys
 import numpy as np
 
 from paligemma import checkpoint as checkpoint_lib
+from paligemma import clean_exit
 from paligemma import drawing
 from paligemma import prompt as prompt_lib
 from paligemma import tokenizer as tokenizer_lib
@@ -274,4 +275,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  clean_exit.run(main)

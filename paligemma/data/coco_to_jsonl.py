@@ -17,6 +17,7 @@ image (see `paligemma.data.coco_detection`).
 import argparse
 import os
 
+from paligemma import clean_exit
 from paligemma import json_files
 from paligemma.data import coco_detection
 from paligemma.data import coco_segmentation
@@ -62,4 +63,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  clean_exit.run(main)

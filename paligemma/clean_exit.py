@@ -1,0 +1,52 @@
+"""Ends a command-line tool's process once its work is done, without native teardown.
+
+The tools load TensorFlow, XLA and, through keras -> pandas, Arrow. Now and then one of
+their C++ runtimes aborts while the process shuts down ("terminate called without an
+active exception", exit status -6 / 134), after everything the tool wrote is complete:
+a run that succeeded would then report failure to its caller (a shell script, a job
+scheduler, CI). `run` calls the tool, waits for its non-daemon threads as exit would,
+runs Python's atexit handlers (logging's flush,
+jax.distributed's shutdown, anything a library registered), flushes stdout and stderr,
+and ends the process with os._exit and the tool's exit status, skipping interpreter
+finalization and the C++ static destructors where those aborts happen. Nothing of ours
+needs them: files are closed and checkpoints waited for before a tool returns.
+"""
+
+import atexit
+import os
+import sys
+import threading
+
+
+def exit_status(code):
+  """The process exit status sys.exit(code) gives (printing a non-int code, as it does)."""
+  if code is None:
+    return 0
+  if not isinstance(code, int):
+    print(code, file=sys.stderr)
+    return 1
+  return code & 0xFF
+
+
+def run(main, *args, **kwargs):
+  """Calls main(*args, **kwargs) and ends the process: status 0 when it returns (or its
+  return value, as sys.exit(main()) would give), the SystemExit's status, or 1 (130 for
+  Ctrl-C) with the traceback printed for any other exception. Never returns."""
+  try:
+    status = exit_status(main(*args, **kwargs))
+  except SystemExit as e:
+    status = exit_status(e.code)
+  except BaseException as e:  # pylint: disable=broad-except  # As Python would: traceback.
+    sys.excepthook(*sys.exc_info())
+    status = 128 + 2 if isinstance(e, KeyboardInterrupt) else 1  # Ctrl-C: as a shell's SIGINT.
+  # What Python's exit does before finalization: wait for non-daemon threads, run atexit.
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and not thread.daemon:
+      thread.join()
+  atexit._run_exitfuncs()  # pylint: disable=protected-access
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):  # A closed pipe or stream: nothing more can be said.
+      pass
+  os._exit(status)  # pylint: disable=protected-access
