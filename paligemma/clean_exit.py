@@ -39,7 +39,13 @@ def run(main, *args, **kwargs):
   except BaseException as e:  # pylint: disable=broad-except  # As Python would: traceback.
     sys.excepthook(*sys.exc_info())
     status = 128 + 2 if isinstance(e, KeyboardInterrupt) else 1  # Ctrl-C: as a shell's SIGINT.
-  # What Python's exit does before finalization: wait for non-daemon threads, run atexit.
+  finish(status)
+
+
+def finish(status):
+  """Ends the process with `status` as Python's exit would, up to finalization: waits
+  for non-daemon threads, runs the atexit handlers, flushes stdout and stderr; then
+  os._exit. Never returns."""
   for thread in threading.enumerate():
     if thread is not threading.current_thread() and not thread.daemon:
       thread.join()
