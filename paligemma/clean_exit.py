@@ -1,15 +1,16 @@
 """Ends a command-line tool's process once its work is done, without native teardown.
 
-The tools load TensorFlow, XLA and, through keras -> pandas, Arrow. Now and then one of
-their C++ runtimes aborts while the process shuts down ("terminate called without an
-active exception", exit status -6 / 134), after everything the tool wrote is complete:
-a run that succeeded would then report failure to its caller (a shell script, a job
-scheduler, CI). `run` calls the tool, waits for its non-daemon threads as exit would,
-runs Python's atexit handlers (logging's flush,
-jax.distributed's shutdown, anything a library registered), flushes stdout and stderr,
-and ends the process with os._exit and the tool's exit status, skipping interpreter
-finalization and the C++ static destructors where those aborts happen. Nothing of ours
-needs them: files are closed and checkpoints waited for before a tool returns.
+XLA's CPU runtime can abort a process that is shutting down: a worker thread that
+finishes a computation drops the last reference to a numpy array passed in zero-copy;
+releasing it needs the GIL; once Python is finalizing, the thread is sent to
+pthread_exit, whose unwinding ends in std::terminate ("terminate called without an
+active exception", exit status -6 / 134). The tool's work was complete, yet its caller
+(a shell script, a job scheduler, CI) sees a failure. `run` calls the tool and `finish`
+ends the process as exit would up to finalization (non-daemon threads joined, atexit
+handlers run: logging's flush, jax.distributed's shutdown; stdout and stderr flushed),
+then with os._exit and the tool's exit status, skipping the finalization and C++ static
+destructors where such aborts happen. Nothing of ours needs them: files are closed and
+checkpoints waited for before a tool returns.
 """
 
 import atexit

@@ -287,7 +287,8 @@ def run(main):
 
   The --config flags are read here, not by absl (which cannot add keys or give a
   one-line error); config is None when --config is absent. A ConfigError, from loading
-  or raised by `main` (validation), prints one line and exits with status 2.
+  or raised by `main` (validation), prints one line and exits with status 2. The process
+  ends through clean_exit.run: never returns.
   """
   given = {}
 
