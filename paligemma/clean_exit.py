@@ -30,11 +30,13 @@ def exit_status(code):
 
 
 def run(main, *args, **kwargs):
-  """Calls main(*args, **kwargs) and ends the process: status 0 when it returns (or its
-  return value, as sys.exit(main()) would give), the SystemExit's status, or 1 (130 for
-  Ctrl-C) with the traceback printed for any other exception. Never returns."""
+  """Calls main(*args, **kwargs) and ends the process (`finish`): with status 0 when it
+  returns, or its return value if that is an int (as sys.exit(main()) would give; any
+  other value is the tool's result, not a status); with the SystemExit's status; with 1
+  (130 for Ctrl-C) and the traceback printed for any other exception. Never returns."""
   try:
-    status = exit_status(main(*args, **kwargs))
+    result = main(*args, **kwargs)
+    status = result & 0xFF if isinstance(result, int) else 0
   except SystemExit as e:
     status = exit_status(e.code)
   except BaseException as e:  # pylint: disable=broad-except  # As Python would: traceback.

@@ -33,7 +33,7 @@ _TOOL = textwrap.dedent("""
         raise ValueError("bad input")
       if how == "exit":
         sys.exit("error: bad key")
-      return int(how)
+      return int(how) if how.isdigit() else ["a result, not a status"]
 
     if sys.argv[1] == "plain":
       sys.exit(main(sys.argv[2], sys.argv[3]))
@@ -55,7 +55,8 @@ def test_plain_exit_aborts_in_teardown(tmp_path):
   assert proc.stdout == "work done"
 
 
-@pytest.mark.parametrize("how, status", [("0", 0), ("3", 3), ("exit", 1), ("raise", 1)])
+@pytest.mark.parametrize("how, status", [("0", 0), ("3", 3), ("result", 0), ("exit", 1),
+                                         ("raise", 1)])
 def test_clean_exit_keeps_status_output_threads_and_atexit(tmp_path, how, status):
   proc, out = _tool(tmp_path, "clean", how)
   assert proc.returncode == status, proc
