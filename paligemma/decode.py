@@ -296,13 +296,14 @@ def _logits(model, params, head, x):
   """float32[B, V] from the LLM's features float[B, D]: the tied output layer, through
   `head` float[D, V] (the embedding transposed) where the decoder made one; trainable
   token rows (LoRA, unmerged) set their columns either way."""
-  rows, cap = gemma.token_rows(params, model.lora), model.llm.final_logits_softcap
+  cap = model.llm.final_logits_softcap
   if head is None:
-    return gemma.output_logits(x, params["llm"]["embedder"]["input_embedding"], rows,
-                               model.dtype, cap)
-  z = jnp.einsum("...D,DV->...V", x.astype(model.dtype), head.astype(model.dtype),
-                 preferred_element_type=jnp.float32)
-  return gemma.with_token_rows(layers.softcap(z, cap), x, rows, model.dtype, cap)
+    z = gemma.tied_logits(x, params["llm"]["embedder"]["input_embedding"], model.dtype, cap)
+  else:
+    z = layers.softcap(jnp.einsum("...D,DV->...V", x.astype(model.dtype),
+                                  head.astype(model.dtype), preferred_element_type=jnp.float32),
+                       cap)
+  return gemma.with_token_rows(z, x, gemma.token_rows(params, model.lora), model.dtype, cap)
 
 
 def _prefill(model, steps, layout, params, head, image, text, mask_ar, mask_input):

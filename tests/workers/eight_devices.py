@@ -30,7 +30,7 @@ def main():
   if sys.argv[4] != "decode":
     with open(f"{out_dir}/report_{sys.argv[3]}.json", "w") as f:
       json.dump(report, f)
-    sys.exit(0)
+    return
   start = time.time()
 
   # Decoding: a random model with 2 kv heads, so the cache splits over "model" too.
