@@ -6,9 +6,10 @@ For the preset's model with random weights, after a prefill of `prompt_len` toke
   step              the decoder's greedy step: Model.extend (all layers, one token) + the
                     output layer + the greedy pick and its log-probability;
   layers            Model.extend alone (features float[B, D]);
-  output_layer      features -> float32[B, V] logits (the tied embedding, as decode.py
-                    reads it at this batch: transposed from 4 rows up on CPU);
-  pick              decode.argmax + decode.token_logprob on [B, V] logits;
+  output_layer      features -> float32 logits, as greedy decoding makes them at this
+                    batch: [V, B] (vocabulary-first) from 2 rows up on a CPU, else [B, V];
+  pick              the greedy token and its log-probability from those logits
+                    (decode.pick_vocab_first, or decode.argmax + decode.token_logprob);
   embedding_read    the bandwidth floor: one pass over the embedding (a sum).
 Each is jitted and timed as the median of `steps` calls after a warm-up. The embedding
 is [V, D] float32 = V * D * 4 bytes, read once a step: at batch 1 that read, not the
@@ -54,14 +55,15 @@ def main():
   _, cache = jax.jit(lambda: apply(image, text, zeros, jnp.ones_like(zeros),
                                    model.img.num_tokens + t + 2, method=Model.prefill))()
   tokens = jnp.asarray(rng.integers(3, 1000, (b,)), jnp.int32)
-  head = decode.Decoder(model, max_decode_len=1)._output_head(params, b, None)
+  vocab_first = decode.vocab_first(b, None)
   emb = params["llm"]["embedder"]["input_embedding"]
 
   layers = jax.jit(lambda tok, c: apply(tok, c, method=Model.extend)[0])
   features = layers(tokens, cache)
-  output = jax.jit(lambda x: decode._logits(model, params, head, x))  # pylint: disable=protected-access
+  output = jax.jit(lambda x: decode._logits(model, params, x, vocab_first))  # pylint: disable=protected-access
   logits = output(features)
-  pick = jax.jit(lambda z: (lambda tok: (tok, decode.token_logprob(z, tok)))(decode.argmax(z)))
+  pick = jax.jit(decode.pick_vocab_first if vocab_first else (
+      lambda z: (lambda tok: (tok, decode.token_logprob(z, tok)))(decode.argmax(z))))
   step = jax.jit(lambda tok, c: pick(output(layers(tok, c))))
   read = jax.jit(lambda e: jnp.sum(e, axis=0))
   sync = jax.block_until_ready
@@ -71,7 +73,7 @@ def main():
   times = {k: 1e3 * common.timed(fn, args.steps, sync) for k, fn in parts.items()}
   mb = emb.size * emb.dtype.itemsize / 2**20
   print(f"{args.preset}, batch {b}, embedding {tuple(emb.shape)} {emb.dtype} ({mb:.0f} MiB), "
-        f"head {'transposed' if head is not None else 'as stored'}:")
+        f"logits {'[V, B]' if vocab_first else '[B, V]'}:")
   for k, ms in times.items():
     share = f" ({100 * ms / times['step']:.0f}% of a step)" if k != "step" else ""
     print(f"  {k:15s} {ms:7.2f} ms{share}")

@@ -132,25 +132,23 @@ def test_greedy_equals_full_recompute(version):
     np.testing.assert_array_equal(alone["tokens"][0], out["tokens"][b], err_msg="batched vs alone")
 
 
-def test_transposed_output_head_gives_the_same_decode():
-  """From _HEAD_MIN_ROWS rows up, CPU decoding reads the embedding transposed: the tokens
-  and log-probabilities are those of the plain output layer (batch 3, below the line)."""
-  assert len(LENGTHS) < decode._HEAD_MIN_ROWS <= 2 * len(LENGTHS)
-  _, params, batch = _setup(2)
-  decoder = _decoder(2, "greedy", None)
-  head = decoder._output_head(params, 2 * len(LENGTHS), None)
-  np.testing.assert_array_equal(head, params["llm"]["embedder"]["input_embedding"].T)
-  assert decoder._output_head(params, 2 * len(LENGTHS), None) is head, "made once per embedding"
-  twice = {k: np.concatenate([v, v]) for k, v in batch.items()}
-  plain, transposed = _run(2, "greedy"), _run(2, "greedy", twice)
-  for half in (transposed["tokens"][:3], transposed["tokens"][3:]):
-    np.testing.assert_array_equal(half, plain["tokens"])
-  np.testing.assert_allclose(transposed["logprobs"][:3], plain["logprobs"], atol=1e-5)
+def test_greedy_vocab_first_gives_the_rows_decode():
+  """Greedy decoding of several rows on a CPU picks from vocabulary-first logits: the
+  tokens and log-probabilities of a batch are those of each example decoded alone (one
+  row: the [B, V] output layer, argmax and token_logprob)."""
+  assert jax.default_backend() == "cpu"
+  _, _, batch = _setup(2)
+  batched = _run(2, "greedy")
+  for b in range(len(LENGTHS)):
+    alone = _run(2, "greedy", {k: v[b:b + 1] for k, v in batch.items()})
+    np.testing.assert_array_equal(alone["tokens"][0], batched["tokens"][b])
+    np.testing.assert_allclose(alone["logprobs"][0], batched["logprobs"][b], atol=1e-5)
 
 
 @pytest.mark.parametrize("vocab", [320, 328, 301])  # Blocks of 32, of 8, none.
 def test_argmax_and_token_logprob(vocab):
-  """decode.argmax is jnp.argmax (first of tied maxima); token_logprob is log_softmax."""
+  """decode.argmax is jnp.argmax (first of tied maxima) on [B, V] and [V, B] logits;
+  token_logprob and pick_vocab_first give log_softmax."""
   rng = np.random.default_rng(vocab)
   logits = rng.normal(size=(6, vocab)).astype(np.float32)
   logits[1, [7, 200]] = 9.0  # Tied, in different blocks: the first wins.
@@ -161,9 +159,15 @@ def test_argmax_and_token_logprob(vocab):
   tokens = np.asarray(decode.argmax(jnp.asarray(logits)))
   np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
   assert tokens.tolist()[1:3] == [7, 40] and tokens[4] == 0 and tokens[5] == vocab - 1
+  np.testing.assert_array_equal(decode.argmax(jnp.asarray(logits.T), axis=0), tokens)
+  logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float64), axis=-1))
   pick = rng.integers(150, vocab, 6).astype(np.int32)
-  ref = np.asarray(jax.nn.log_softmax(logits.astype(np.float64), axis=-1))[np.arange(6), pick]
-  np.testing.assert_allclose(decode.token_logprob(jnp.asarray(logits), pick), ref, atol=1e-5)
+  np.testing.assert_allclose(decode.token_logprob(jnp.asarray(logits), pick),
+                             logp[np.arange(6), pick], atol=1e-5)
+  # Vocabulary-first logits [V, B] (greedy on a CPU): the same tokens, their log-probability.
+  first, first_logp = decode.pick_vocab_first(jnp.asarray(logits.T))
+  np.testing.assert_array_equal(first, tokens)
+  np.testing.assert_allclose(first_logp, logp[np.arange(6), tokens], atol=1e-5)
 
 
 def test_beam_1_equals_greedy():

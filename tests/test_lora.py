@@ -11,6 +11,7 @@ import pytest
 
 from conftest import tiny_model_config
 from paligemma import config as config_lib
+from paligemma import decode
 from paligemma import lora as lora_lib
 from paligemma import quant
 from paligemma import transfer_configs
@@ -97,6 +98,27 @@ def test_merged_equals_unmerged(adapted):
   plain = _logits(base, {k: v for k, v in params.items() if not lora_lib.is_lora_leaf(k)})
   assert np.abs(unmerged - plain).max() > 0.05  # The adapters do change the model.
   np.testing.assert_allclose(merged, unmerged, atol=1e-5, rtol=0)
+
+
+def test_decode_unmerged_equals_merged(adapted):
+  """Greedy decoding with unmerged adapters and token rows gives the merged model's tokens
+  and log-probabilities: at batch 3 (on a CPU, the vocabulary-first pick) and alone."""
+  base, model, params = adapted
+  params = _with_random_adapters(params)
+  rows = np.asarray(params[lora_lib.TOKENS_LEAF])
+  params[lora_lib.TOKENS_LEAF] = jnp.asarray(rows * 40)  # So that they get picked.
+  image, text, _ = _inputs(b=3)
+  batch = dict(image=image, text=text, mask_ar=jnp.zeros_like(text),
+               mask_input=jnp.ones_like(text))
+  merged = lora_lib.merge(params, model.lora)
+  run = lambda m, p, x: jax.tree.map(np.asarray, decode.Decoder(m, max_decode_len=6, eos_id=None)(
+      unflatten(p), x))
+  got, want = run(model, params, batch), run(base, merged, batch)
+  assert set(got["tokens"].ravel().tolist()) & set(TOKENS), "no token row picked: proves little"
+  np.testing.assert_array_equal(got["tokens"], want["tokens"])
+  np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-4)
+  alone = run(model, params, {k: v[1:2] for k, v in batch.items()})
+  np.testing.assert_array_equal(alone["tokens"][0], got["tokens"][1])
 
 
 def test_adapter_gradients_match_autodiff(monkeypatch):

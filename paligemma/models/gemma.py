@@ -261,25 +261,33 @@ def token_rows(params, lora):
   return rows, lora_lib.token_ids(lora.tokens, embedder["input_embedding"].shape[0])
 
 
-def output_logits(x, embedding, rows, dtype, softcap=None):
+def output_logits(x, embedding, rows, dtype, softcap=None, vocab_first=False):
   """`tied_logits`, the columns of the trainable tokens (`rows`: token_rows, or None)
   computed from their rows: the logits of lora.embedding_table's table, without it."""
-  return with_token_rows(tied_logits(x, embedding, dtype, softcap), x, rows, dtype, softcap)
+  z = tied_logits(x, embedding, dtype, softcap, vocab_first)
+  return with_token_rows(z, x, rows, dtype, softcap, vocab_first)
 
 
-def with_token_rows(z, x, rows, dtype, softcap=None):
-  """Logits z float32[..., V] of features x with the trainable tokens' columns set from
-  their rows (`rows`: token_rows, or None: z as it is)."""
+def with_token_rows(z, x, rows, dtype, softcap=None, vocab_first=False):
+  """Logits z float32[..., V] (vocab_first: [V, ...]) of features x with the trainable
+  tokens' entries set from their rows (`rows`: token_rows, or None: z as it is)."""
   if rows is None:
     return z
   r, ids = rows
-  return z.at[..., jnp.asarray(ids, jnp.int32)].set(tied_logits(x, r, dtype, softcap))
+  ids = jnp.asarray(ids, jnp.int32)
+  z_r = tied_logits(x, r, dtype, softcap, vocab_first)
+  return z.at[ids].set(z_r) if vocab_first else z.at[..., ids].set(z_r)
 
 
-def tied_logits(x, embedding, dtype, softcap=None):
+def tied_logits(x, embedding, dtype, softcap=None, vocab_first=False):
   """The tied output layer: float[..., D] (final-normed features) and the embedding
   float[V, D] -> float32[..., V], one matmul in `dtype` with float32 accumulation, then
-  the soft-cap (None or 0: none). Used by the model, the decoder and the loss alike."""
-  z = jnp.einsum("...D,VD->...V", x.astype(dtype), embedding.astype(dtype),
-                 preferred_element_type=jnp.float32)
+  the soft-cap (None or 0: none). Used by the model, the decoder and the loss alike.
+
+  vocab_first: the same logits as float32[V, ...] (the decoder's greedy pick on a CPU,
+  where that matmul is faster and the pick reduces over the leading axis)."""
+  x, embedding = x.astype(dtype), embedding.astype(dtype)
+  z = (jnp.einsum("VD,...D->V...", embedding, x, preferred_element_type=jnp.float32)
+       if vocab_first else
+       jnp.einsum("...D,VD->...V", x, embedding, preferred_element_type=jnp.float32))
   return layers.softcap(z, softcap)
