@@ -122,19 +122,58 @@ def parse_sampler(spec):
 def filter_logits(logits, temperature, top_k=0, top_p=1.0):
   """float32[B, V] logits scaled by 1/temperature, with top-k / nucleus tails at -inf.
 
-  temperature > 0, top_k (0: off) and top_p (1: off) may be traced scalars, so one
-  compiled program serves every setting.
+  top-k keeps the logits >= the k-th largest (ties included); the nucleus keeps a token
+  while the probability of the tokens before it in descending order is < p (the
+  smallest set reaching p), ties included. temperature > 0, top_k (0: off) and top_p
+  (1: off) may be traced scalars, so one compiled program serves every setting.
+
+  Without sorting: each threshold is found by bisection over the 2^32 float32 values,
+  32 passes of counts (top-k) or masked sums (nucleus) over the logits, run only when
+  its filter is on (measured at batch 16, vocabulary 257k: 94 ms for both, against
+  930 ms for one sort of the rows).
   """
   logits = logits / temperature
-  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-  kth = jnp.take(sorted_logits, jnp.maximum(top_k, 1) - 1, axis=1)[:, None]
-  keep = (top_k <= 0) | (logits >= kth)
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  # Keep a token while the mass before it is < p: the smallest set reaching p.
-  before = jnp.cumsum(probs, axis=-1) - probs
-  cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1)
-  keep &= (top_p >= 1) | (logits >= cutoff[:, None])
-  return jnp.where(keep, logits, -jnp.inf)
+  b, v = logits.shape
+  top_k = jnp.minimum(top_k, v)
+  key = _order_key(logits)
+  below = jnp.min(key, axis=-1) - 1  # Below every logit: each test fails there.
+  top = jnp.max(key, axis=-1)
+
+  def kth():  # The k-th largest: one below the smallest t with fewer than k logits >= t.
+    return _from_key(_bisect(below, top + 1,
+                             lambda t: jnp.sum(key >= t[:, None], axis=-1) < top_k) - 1)
+
+  def cutoff():  # The smallest t with mass(logits > t) < p: the last token kept.
+    probs = jax.nn.softmax(logits, axis=-1)
+    return _from_key(_bisect(below, top, lambda t: jnp.sum(
+        jnp.where(key > t[:, None], probs, 0.0), axis=-1) < top_p))
+
+  off = lambda: jnp.full((b,), -jnp.inf, logits.dtype)
+  least = jnp.maximum(jax.lax.cond(top_k > 0, kth, off), jax.lax.cond(top_p < 1, cutoff, off))
+  return jnp.where(logits >= least[:, None], logits, -jnp.inf)
+
+
+def _order_key(x):
+  """uint32 keys of float32 x in the same order (-inf first, +inf last)."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _from_key(key):
+  """The float32 whose `_order_key` is `key`."""
+  bits = jnp.where(key >> 31 == 1, key & jnp.uint32(0x7FFFFFFF), ~key)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _bisect(low, high, test):
+  """uint32[B]: the smallest t in (low, high] with test(t) true, per row, for a test
+  false at `low`, true at `high` and monotone in between (32 steps: any uint32 range)."""
+  def step(_, bounds):
+    low, high = bounds
+    mid = low + (high - low) // 2
+    ok = test(mid)
+    return jnp.where(ok, low, mid), jnp.where(ok, mid, high)
+  return jax.lax.fori_loop(0, 32, step, (low, high))[1]
 
 
 def argmax(logits, axis=-1):
@@ -171,6 +210,10 @@ def pick_vocab_first(logits):
   return argmax(logits, axis=0), -jnp.log(jnp.sum(jnp.exp(logits - top), axis=0))
 
 
+# Candidates `sample_filtered` draws among when top-k / nucleus keep no more than these.
+_CANDIDATES = 1024
+
+
 def choose(rng, logits, settings):
   """int32[B] next tokens from float32[B, V] logits; settings None is greedy, else
   (temperature, top_k, top_p), where temperature 0 is greedy too."""
@@ -179,9 +222,74 @@ def choose(rng, logits, settings):
     return greedy
   t, k, p = settings
   keys = jax.random.split(rng, logits.shape[0])  # One key per row.
-  filtered = filter_logits(logits, jnp.where(t > 0, t, 1.0), k, p)
-  sampled = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-  return jnp.where(t > 0, sampled, greedy)
+  scaled = logits / jnp.where(t > 0, t, 1.0)
+  # Only the branch these settings need runs: greedy, filtered, or the whole softmax.
+  branch = jnp.where(t <= 0, 0, jnp.where((k > 0) | (p < 1), 1, 2))
+  return jax.lax.switch(branch, [
+      lambda: greedy, lambda: sample_filtered(keys, scaled, k, p),
+      lambda: sample_softmax(keys, scaled)])
+
+
+def sample_softmax(keys, logits):
+  """int32[B]: one token per row drawn from softmax(logits) float32[B, V] (one key per
+  row; -inf: never drawn), by inverting the cumulative probabilities with one uniform
+  number per row: the block holding it, then the token in the block. (Gumbel noise,
+  jax.random.categorical, draws V numbers a row: 80 against 5 ms at batch 16,
+  vocabulary 257k.)"""
+  b, v = logits.shape
+  size = 64
+  pad = -v % size
+  mass = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  blocks = jnp.pad(mass, ((0, 0), (0, pad))).reshape(b, (v + pad) // size, size)
+  block_mass = jnp.sum(blocks, axis=-1)  # [B, blocks]
+  ends = jnp.cumsum(block_mass, axis=-1)
+  u = jax.vmap(jax.random.uniform)(keys) * ends[:, -1]
+  # The first block ending past u; rounding may leave none: then the last with mass.
+  block = jnp.minimum(jnp.sum(ends <= u[:, None], axis=-1), _last_true(block_mass > 0))
+  inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # [B, size]
+  start = jnp.take_along_axis(ends - block_mass, block[:, None], axis=1)
+  past = (start + jnp.cumsum(inside, axis=-1) > u[:, None]) & (inside > 0)
+  offset = jnp.where(jnp.any(past, axis=-1), jnp.argmax(past, axis=-1), _last_true(inside > 0))
+  return (block * size + offset).astype(jnp.int32)
+
+
+def _last_true(x):
+  """int32[B]: the index of the last True of each row of bool[B, N] (N - 1 if none)."""
+  return (x.shape[-1] - 1 - jnp.argmax(x[:, ::-1], axis=-1)).astype(jnp.int32)
+
+
+def sample_filtered(keys, logits, top_k, top_p, candidates=_CANDIDATES):
+  """int32[B] tokens drawn from softmax(logits) over the tokens `filter_logits(logits,
+  1, top_k, top_p)` keeps (one key per row).
+
+  Without sorting the vocabulary where it can: when every row's kept tokens are among
+  its `candidates` largest logits (`lax.top_k`), it draws among those; otherwise it
+  filters the whole sorted vocabulary (measured at batch 16, vocabulary 257k: 20 ms
+  against 970 ms a step).
+  """
+  v = logits.shape[-1]
+  c = min(candidates, v)
+  # (The barrier keeps XLA from folding the slices below into a full sort of the row.)
+  top, index = jax.lax.optimization_barrier(jax.lax.top_k(logits, c))
+  probs = jnp.exp(top - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+  before = jnp.cumsum(probs, axis=-1) - probs
+  kth = jnp.take(top, jnp.clip(top_k, 1, c) - 1, axis=1)
+  cutoff = jnp.min(jnp.where(before < top_p, top, jnp.inf), axis=-1)
+  keep = (((top_k <= 0) | (top >= kth[:, None])) &
+          ((top_p >= 1) | (top >= cutoff[:, None])))
+  # Rows whose kept set ends strictly above their c-th logit: nothing kept lies beyond.
+  last = top[:, -1]
+  fits = (c == v) | ((top_k > 0) & (top_k <= c) & (kth > last)) | (
+      (top_p < 1) & (before[:, -1] >= top_p) & (cutoff > last))
+
+  def among_candidates():
+    pick = sample_softmax(keys, jnp.where(keep, top, -jnp.inf))
+    return jnp.take_along_axis(index, pick[:, None], axis=1)[:, 0]
+
+  def whole_vocabulary():
+    return sample_softmax(keys, filter_logits(logits, 1.0, top_k, top_p))
+
+  return jax.lax.cond(jnp.all(fits), among_candidates, whole_vocabulary).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -207,7 +207,9 @@ def test_sampling_seeded_and_temperature_zero():
   c = _run(2, "temperature(t=1.0)", seed=8)
   assert not np.array_equal(a["tokens"], c["tokens"]), "the seed does not matter"
   greedy = _run(2, "greedy")
-  for spec in ("temperature(t=0.0001)", "temperature(0)", "topk(k=1)", "nucleus(p=1e-6)"):
+  # (t=1e-6: the two best logits here differ by 2e-4, so t=1e-4 would sample the second
+  # about once in nine.)
+  for spec in ("temperature(t=1e-6)", "temperature(0)", "topk(k=1)", "nucleus(p=1e-6)"):
     np.testing.assert_array_equal(_run(2, spec, seed=3)["tokens"], greedy["tokens"], err_msg=spec)
 
 
@@ -246,6 +248,83 @@ def test_filters():
     assert kept.sum() == keep, (p, kept)
   hot = decode.filter_logits(logits, 0.5)
   np.testing.assert_allclose(hot, logits / 0.5)
+
+
+@pytest.mark.parametrize("vocab", [256, 300])  # Whole blocks of 64, and a padded last one.
+def test_sample_softmax_draws_from_the_softmax(vocab):
+  """sample_softmax's tokens follow softmax(logits); -inf entries are never drawn."""
+  rng = np.random.default_rng(vocab)
+  logits = rng.normal(size=vocab).astype(np.float32) * 2
+  logits[rng.permutation(vocab)[:vocab // 3]] = -np.inf
+  logits[[3, 70, vocab - 1]] = [4.0, 4.0, 3.5]  # Heavy tokens in the first and last blocks.
+  want = np.exp(logits.astype(np.float64) - logits.max())
+  want /= want.sum()
+  n = 8000
+  keys = jax.random.split(jax.random.PRNGKey(vocab), n)
+  tokens = np.asarray(jax.jit(decode.sample_softmax)(keys, jnp.asarray(np.tile(logits, (n, 1)))))
+  assert tokens.dtype == np.int32 and np.all(np.isfinite(logits[tokens]))
+  freq = np.bincount(tokens, minlength=vocab) / n
+  assert np.abs(freq - want).max() < 4.5 * np.sqrt(want.max() / n), (freq, want)
+
+
+@pytest.mark.parametrize("top_k, top_p", [
+    (3, 1.0), (0, 0.6), (4, 0.9),  # Kept sets within the 8 candidates: drawn among them.
+    (12, 1.0), (0, 0.97), (12, 0.99)])  # Beyond them: the whole sorted vocabulary.
+def test_sample_filtered_draws_from_the_filtered_softmax(top_k, top_p):
+  """sample_filtered's tokens follow softmax over the tokens top-k / nucleus keep,
+  computed here in float64 from a sort, on both of its paths."""
+  rng = np.random.default_rng(top_k)
+  logits = np.sort(rng.normal(size=30))[::-1] * 1.5
+  logits = logits[rng.permutation(30)].astype(np.float32)
+  logits[5] = logits[9]  # A tie.
+  order = np.argsort(-logits.astype(np.float64), kind="stable")
+  probs = np.exp(logits[order] - logits.max())
+  probs /= probs.sum()
+  kept = np.ones(30, bool)
+  if top_k:
+    kept &= logits >= logits[order][top_k - 1]
+  before = np.cumsum(probs) - probs
+  kept &= logits >= logits[order][before < top_p].min()
+  want = np.where(kept, np.exp(logits - logits.max()), 0)
+  want /= want.sum()
+  n = 6000
+  keys = jax.random.split(jax.random.PRNGKey(top_k), n)
+  tokens = np.asarray(jax.jit(decode.sample_filtered, static_argnums=4)(
+      keys, jnp.asarray(np.tile(logits, (n, 1))), top_k, top_p, 8))
+  assert np.all(kept[tokens]), "a token the filters drop was drawn"
+  freq = np.bincount(tokens, minlength=30) / n
+  assert np.abs(freq - want).max() < 4.5 * np.sqrt(want.max() / n), (freq, want)
+
+
+def _sorted_filter(logits, k, p):
+  """bool[B, V]: what top-k (0: off) and the nucleus (1: off) keep, from a float64 sort."""
+  keep = []
+  for row in logits.astype(np.float64):
+    desc = np.sort(row)[::-1]
+    kept = np.ones(len(row), bool)
+    if k > 0:
+      kept &= row >= desc[min(k, len(row)) - 1]
+    probs = np.exp(desc - desc.max())
+    probs /= probs.sum()
+    if p < 1:
+      kept &= row >= desc[np.cumsum(probs) - probs < p].min()
+    keep.append(kept & (row > -np.inf))
+  return np.array(keep)
+
+
+@pytest.mark.parametrize("k, p", [(3, 1.0), (0, 0.5), (10, 0.9), (0, 0.999), (64, 0.3),
+                                  (400, 1.0)])
+def test_filters_equal_a_sorted_reference(k, p):
+  """filter_logits' bisection keeps what a sort keeps: ties, -inf, +-0 and k > V too."""
+  rng = np.random.default_rng(k)
+  filt = jax.jit(decode.filter_logits)
+  for vocab in (50, 300):
+    logits = (rng.normal(size=(4, vocab)) * rng.uniform(0.1, 5, (4, 1))).astype(np.float32)
+    logits[0, :5] = logits[0, 7]
+    logits[1, :vocab // 2] = -np.inf
+    logits[2, :3], logits[2, 3:5] = 0.0, -0.0
+    kept = np.asarray(filt(jnp.asarray(logits), 1.0, k, p)) > -np.inf
+    np.testing.assert_array_equal(kept, _sorted_filter(logits, k, p), err_msg=f"vocab {vocab}")
 
 
 def test_parse_sampler():
