@@ -479,11 +479,33 @@ def _sample(choice, x, cache, rng, *, extend, steps, pad_id, eos, constrain):
   return _outputs(tokens, logprobs, eos)
 
 
+def beam_choices(logits, scores, done, pad_id):
+  """One beam-search step: of every beam's continuations, the k best by total score.
+
+  logits float32[B*k, V] (row b*k + j: beam j of example b), scores float32[B, k],
+  done bool[B, k] (a finished beam has one continuation, pad_id at no cost, so it
+  competes unchanged). Returns new scores float32[B, k] (descending), parent int32[B, k]
+  (the beam each continues), token int32[B, k], and its log-probability float32[B, k].
+
+  The k best of all are among each beam's own k best: the top k of each row, then of
+  those k * k, with ties to the lower beam, then the lower token, as one top_k over all
+  k * V would give them, and without a [B*k, V] log-softmax.
+  """
+  b, k = scores.shape
+  best, best_token = jax.lax.optimization_barrier(jax.lax.top_k(logits, k))
+  logp = (best - jax.nn.logsumexp(logits, axis=-1, keepdims=True)).reshape(b, k, k)
+  logp = jnp.where(done[..., None], jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), logp)
+  best_token = jnp.where(done[..., None], pad_id, best_token.reshape(b, k, k))
+  top, idx = jax.lax.top_k((scores[..., None] + logp).reshape(b, k * k), k)
+  token = jnp.take_along_axis(best_token.reshape(b, k * k), idx, axis=1).astype(jnp.int32)
+  return top, idx // k, token, jnp.take_along_axis(logp.reshape(b, k * k), idx, axis=1)
+
+
 def _beam(output_layer, x, cache, k, *, extend, steps, pad_id, eos, constrain):
   """Beam search over total log-probability; a finished beam keeps its score.
   output_layer: features float[B, D] -> logits float32[B, V]."""
   logits = output_layer(x)
-  b, v = logits.shape[0], logits.shape[-1]
+  b = logits.shape[0]
   cache = constrain(cache.repeat(k))
   logits = jnp.repeat(logits, k, axis=0)
   # Only beam 0 is live at first, so the k beams do not start as k copies.
@@ -491,15 +513,9 @@ def _beam(output_layer, x, cache, k, *, extend, steps, pad_id, eos, constrain):
   tokens = jnp.full((b, k, steps), pad_id, jnp.int32)
   logprobs = jnp.zeros((b, k, steps), jnp.float32)
   done = jnp.zeros((b, k), bool)
-  # A finished beam has one continuation, pad at no cost, so it competes unchanged.
-  finished_row = jnp.where(jnp.arange(v) == pad_id, 0.0, -jnp.inf)
 
   def step(i, logits, cache, scores, tokens, logprobs, done):
-    logp = jax.nn.log_softmax(logits).reshape(b, k, v)
-    logp = jnp.where(done[..., None], finished_row, logp)
-    top, idx = jax.lax.top_k((scores[..., None] + logp).reshape(b, k * v), k)
-    parent, token = idx // v, (idx % v).astype(jnp.int32)
-    chosen = jnp.take_along_axis(logp.reshape(b, k * v), idx, axis=1)
+    top, parent, token, chosen = beam_choices(logits, scores, done, pad_id)
     gather = lambda x: jnp.take_along_axis(
         x, parent.reshape(parent.shape + (1,) * (x.ndim - 2)), axis=1)
     tokens, logprobs, done = gather(tokens), gather(logprobs), gather(done)

@@ -170,6 +170,31 @@ def test_argmax_and_token_logprob(vocab):
   np.testing.assert_allclose(first_logp, logp[np.arange(6), tokens], atol=1e-5)
 
 
+def test_beam_choices_equal_one_top_k_over_all_continuations():
+  """beam_choices = log_softmax, finished beams' single pad continuation, then one
+  top_k over all k * V totals (numpy, stable sort: ties to the lower index)."""
+  rng = np.random.default_rng(0)
+  b, k, v, pad = 3, 4, 40, 0
+  logits = rng.normal(size=(b * k, v)).astype(np.float32)
+  logits[1, [3, 9]] = logits[1].max() + 1  # A tie within a beam.
+  logits[5] = logits[4]  # Two beams alike: ties across beams.
+  scores = np.sort(rng.normal(size=(b, k)).astype(np.float32), axis=1)[:, ::-1].copy()
+  scores[1, 1] = scores[1, 0]
+  done = np.zeros((b, k), bool)
+  done[0, 2] = done[2, 0] = True
+  got = [np.asarray(a) for a in jax.jit(decode.beam_choices, static_argnums=3)(
+      jnp.asarray(logits), jnp.asarray(scores), jnp.asarray(done), pad)]
+  logp = np.asarray(jax.nn.log_softmax(logits, axis=-1)).reshape(b, k, v)
+  logp = np.where(done[..., None], np.where(np.arange(v) == pad, 0.0, -np.inf), logp)
+  total = (scores[..., None] + logp).reshape(b, k * v)
+  order = np.argsort(-total, axis=1, kind="stable")[:, :k]
+  np.testing.assert_allclose(got[0], np.take_along_axis(total, order, 1), atol=1e-5)
+  np.testing.assert_array_equal(got[1], order // v)
+  np.testing.assert_array_equal(got[2], order % v)
+  np.testing.assert_allclose(got[3], np.take_along_axis(logp.reshape(b, k * v), order, 1),
+                             atol=1e-5)
+
+
 def test_beam_1_equals_greedy():
   greedy, beam = _run(2, "greedy"), _run(2, "beam(1)")
   np.testing.assert_array_equal(beam["tokens"], greedy["tokens"])
