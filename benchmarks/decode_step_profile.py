@@ -9,7 +9,7 @@ For the preset's model with random weights, after a prefill of `prompt_len` toke
   output_layer      features -> float32 logits, as greedy decoding makes them at this
                     batch: [V, B] (vocabulary-first) from 2 rows up on a CPU, else [B, V];
   pick              the greedy token and its log-probability from those logits
-                    (decode.pick_vocab_first, or decode.argmax + decode.token_logprob);
+                    (sampling.pick_vocab_first, or sampling.argmax + sampling.token_logprob);
   embedding_read    the bandwidth floor: one pass over the embedding (a sum).
 Each is jitted and timed as the median of `steps` calls after a warm-up. The embedding
 is [V, D] float32 = V * D * 4 bytes, read once a step: at batch 1 that read, not the
@@ -29,6 +29,7 @@ import common  # pylint: disable=wrong-import-position
 from paligemma import clean_exit  # pylint: disable=wrong-import-position
 
 from paligemma import decode  # pylint: disable=wrong-import-position
+from paligemma import sampling  # pylint: disable=wrong-import-position
 from paligemma.models import build  # pylint: disable=wrong-import-position
 from paligemma.models.paligemma import Model  # pylint: disable=wrong-import-position
 
@@ -62,8 +63,8 @@ def main():
   features = layers(tokens, cache)
   output = jax.jit(lambda x: decode._logits(model, params, x, vocab_first))  # pylint: disable=protected-access
   logits = output(features)
-  pick = jax.jit(decode.pick_vocab_first if vocab_first else (
-      lambda z: (lambda tok: (tok, decode.token_logprob(z, tok)))(decode.argmax(z))))
+  pick = jax.jit(sampling.pick_vocab_first if vocab_first else (
+      lambda z: (lambda tok: (tok, sampling.token_logprob(z, tok)))(sampling.argmax(z))))
   step = jax.jit(lambda tok, c: pick(output(layers(tok, c))))
   read = jax.jit(lambda e: jnp.sum(e, axis=0))
   sync = jax.block_until_ready
