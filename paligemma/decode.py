@@ -30,15 +30,8 @@ Prompts are right-padded (`paligemma.prompt.assemble(..., mode="eval")`); every 
 keeps its own RoPE positions and attends only its real tokens, so an example decodes to
 the same tokens whatever else is in the batch.
 
-Samplers (`sampling.parse_sampler` reads a spec string as in a config;
-paligemma/sampling.py draws the tokens):
-  "greedy"                       argmax
-  "temperature(t=0.7)"           sample softmax(logits / t); t = 0 is greedy
-  "topk(k=40, t=1.0)"            sample among the k most likely tokens
-  "nucleus(p=0.9, t=1.0)"        sample among the smallest set with probability >= p
-  "beam(n=4)"                    beam search, n beams, ranked by total log-probability
-  "best_of_n(n=4, t=1.0, k=0, p=1.0)"  n samples per example, the most likely is kept
-Positional arguments work too: "nucleus(0.9)", "beam(4)".
+Samplers: "greedy", "temperature(t)", "topk(k, t)", "nucleus(p, t)", "beam(n)",
+"best_of_n(n, t, k, p)"; paligemma/sampling.py reads the spec strings and draws.
 
 Outputs (numpy-convertible jax arrays):
   tokens    int32[B, L]    generated tokens, eos included, pad (0) after it

@@ -1,13 +1,22 @@
 """How the next token is chosen from logits: the sampler specs and their draws.
 
+Spec strings (`parse_sampler`; `--sampler`, or `sampler` in a config):
+  "greedy"                       argmax
+  "temperature(t=0.7)"           sample softmax(logits / t); t = 0 is greedy
+  "topk(k=40, t=1.0)"            sample among the k most likely tokens
+  "nucleus(p=0.9, t=1.0)"        sample among the smallest set with probability >= p
+  "beam(n=4)"                    beam search, n beams, ranked by total log-probability
+  "best_of_n(n=4, t=1.0, k=0, p=1.0)"  n samples per example, the most likely is kept
+Positional arguments work too: "nucleus(0.9)", "beam(4)".
+
+How each draws, none of them sorting the vocabulary (`choose` runs the one a sampler's
+settings need):
   greedy       `argmax` (blocked; [B, V] or vocabulary-first [V, B] logits,
                `pick_vocab_first`), with `token_logprob`;
   temperature  `sample_softmax`: inverse CDF, one random number a row;
   topk/nucleus `sample_filtered`: among the 1024 largest logits where what the filters
                keep lies within them, else `filter_logits` (thresholds by bisection);
   beam(n)      `beam_choices`: each beam's n best continuations, then the n best of those.
-None of them sorts the vocabulary. `choose` runs the one a sampler's settings need;
-`parse_sampler` reads the spec strings (see paligemma/decode.py).
 """
 
 import ast
@@ -170,18 +179,15 @@ _CANDIDATES = 1024
 
 
 def choose(rng, logits, settings):
-  """int32[B] next tokens from float32[B, V] logits; settings None is greedy, else
-  (temperature, top_k, top_p), where temperature 0 is greedy too."""
-  greedy = argmax(logits)
-  if settings is None:
-    return greedy
+  """int32[B] next tokens from float32[B, V] logits and settings (temperature, top_k,
+  top_p), traced scalars; temperature 0 is greedy. Only the branch these settings need
+  runs: the argmax, a filtered draw, or a draw from the whole softmax."""
   t, k, p = settings
   keys = jax.random.split(rng, logits.shape[0])  # One key per row.
   scaled = logits / jnp.where(t > 0, t, 1.0)
-  # Only the branch these settings need runs: greedy, filtered, or the whole softmax.
   branch = jnp.where(t <= 0, 0, jnp.where((k > 0) | (p < 1), 1, 2))
   return jax.lax.switch(branch, [
-      lambda: greedy, lambda: sample_filtered(keys, scaled, k, p),
+      lambda: argmax(logits), lambda: sample_filtered(keys, scaled, k, p),
       lambda: sample_softmax(keys, scaled)])
 
 
