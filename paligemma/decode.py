@@ -174,22 +174,23 @@ def _decode(model, steps, mode, n, pad_id, layout, params, image, text, mask_ar,
   if mode == "beam":
     return _beam(logits, x, cache, n, **loop)
 
-  def sample(key, x):
-    z = logits(x)
+  def draw(key, z):
     token = sampling.choose(key, z, settings)
     return token, sampling.token_logprob(z, token)
 
+  sample = lambda key, x: draw(key, logits(x))
   if mode == "best_of_n":
     b = x.shape[0]
-    x, cache = jnp.repeat(x, n, axis=0), constrain(cache.repeat(n))
-    out = _sample(sample, x, cache, rng, **loop)
+    # The prompt's logits once, repeated: the n samples of an example start alike.
+    z = jnp.repeat(logits(x), n, axis=0)
+    out = _sample(sample, lambda key: draw(key, z), constrain(cache.repeat(n)), rng, **loop)
     best = jnp.argmax(out["scores"].reshape(b, n), axis=-1)
     rows = jnp.arange(b) * n + best
     return {k: v[rows] for k, v in out.items()}
   if mode == "sample":
-    return _sample(sample, x, cache, rng, **loop)
-
-  return _sample(lambda _, x: _greedy(model, params, layout, x), x, cache, rng, **loop)
+    return _sample(sample, lambda key: sample(key, x), cache, rng, **loop)
+  greedy = lambda _, x: _greedy(model, params, layout, x)
+  return _sample(greedy, lambda key: greedy(key, x), cache, rng, **loop)
 
 
 def vocab_first(rows, layout):
@@ -208,10 +209,12 @@ def _greedy(model, params, layout, x):
   return token, sampling.token_logprob(z, token)
 
 
-def _sample(choice, x, cache, rng, *, extend, steps, pad_id, eos, constrain):
+def _sample(choice, first, cache, rng, *, extend, steps, pad_id, eos, constrain):
   """Greedy / sampling loop: one token per example per step, until all ended.
-  choice(key, features float[B, D]) -> (int32[B] tokens, float32[B] log-probabilities)."""
-  b = x.shape[0]
+  choice(key, features float[B, D]) -> (int32[B] tokens, float32[B] log-probabilities);
+  first(key): the same for the first token, from the prompt."""
+  token, logp = first(jax.random.fold_in(rng, 0))
+  b = token.shape[0]
 
   def pick(i, x, done):
     token, logp = choice(jax.random.fold_in(rng, i), x)
@@ -225,7 +228,6 @@ def _sample(choice, x, cache, rng, *, extend, steps, pad_id, eos, constrain):
 
   state = (jnp.full((b, steps), pad_id, jnp.int32), jnp.zeros((b, steps), jnp.float32),
            jnp.zeros((b,), bool))
-  token, logp = pick(0, x, state[2])
   state = write(state, 0, token, logp)
 
   def cond(carry):
