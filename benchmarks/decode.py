@@ -58,8 +58,10 @@ def ours(preset, weights):
   from paligemma import decode  # pylint: disable=g-import-not-at-top
   from paligemma.models import build  # pylint: disable=g-import-not-at-top
 
-  params, model_config = checkpoint.load(weights, dtype=preset["dtype"])
-  model = build.build_model(model_config, dtype=preset["dtype"])
+  # The layer layout `paligemma.predict` decodes with here (per layer on a CPU).
+  scan = decode.stacked_layers()
+  params, model_config = checkpoint.load(weights, dtype=preset["dtype"], stacked=scan)
+  model = build.build_model(model_config, dtype=preset["dtype"], scan=scan)
   steps = preset["decode_steps"]
   decoder = decode.Decoder(model, max_decode_len=steps, eos_id=None)
   out = dict(device=str(jax.devices()[0].device_kind))

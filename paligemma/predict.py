@@ -109,13 +109,18 @@ def load_for_inference(checkpoint, *, tokenizer=None, model_config=None, dtype=N
 
   model_config: optional partial {"img", "llm"} overriding the file's (e.g. image_size);
   adapter: a PEFT LoRA adapter directory (or a LoRA run's workdir), merged into the
-  weights as they load; run_config: the workdir's config.json as a dict ({} for other
+  weights as they load. The layers are stacked as the run had them (`Model.scan`), except
+  on a CPU, where they are kept apart (`decode.stacked_layers`). run_config: the workdir's config.json as a dict ({} for other
   checkpoints).
   """
   from paligemma.models import build  # pylint: disable=g-import-not-at-top
+  from paligemma import decode  # pylint: disable=g-import-not-at-top
   path, model_config, run_config, extra = read_workdir(checkpoint, model_config)
+  # The run's layer layout, or per layer where decoding reads that faster (a CPU).
+  extra["scan"] = extra.get("scan", True) and decode.stacked_layers()
   params, model_config = checkpoint_lib.load(path, config=model_config, dtype=dtype,
-                                             adapter=adapter_dir(adapter))
+                                             adapter=adapter_dir(adapter),
+                                             stacked=extra["scan"])
   if dtype is not None:
     extra["dtype"] = dtype
   model = build.build_model(model_config, **extra)

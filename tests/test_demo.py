@@ -92,11 +92,12 @@ def test_run_and_the_gradio_app(random_workdir, tmp_path):
 def test_base_next_to_base_with_adapter(random_workdir, tmp_path):
   """--compare_adapter: the second model is the base with a LoRA adapter merged in."""
   from paligemma import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  from paligemma.checkpoint.tree import flatten  # pylint: disable=g-import-not-at-top
+  from paligemma.checkpoint import tree  # pylint: disable=g-import-not-at-top
   lora = dict(rank=2, alpha=2.0, targets="llm")
   model = build.build_model(TINY, lora=lora)
-  base = flatten(demo.load(random_workdir).params)
-  shapes = lora_lib.adapters(flatten(build.abstract_params(model)))
+  # (Stacked as the adapter's names are: on a CPU the demo keeps the layers apart.)
+  base = tree.flatten(tree.stack_layers(demo.load(random_workdir).params))
+  shapes = lora_lib.adapters(tree.flatten(build.abstract_params(model)))
   rng = np.random.default_rng(1)
   adapters = {k: rng.normal(0, 0.1, s.shape).astype(np.float32) for k, s in shapes.items()}
   checkpoint.save_peft({**base, **adapters}, {**TINY, "lora": model.lora.to_dict()},
@@ -104,7 +105,7 @@ def test_base_next_to_base_with_adapter(random_workdir, tmp_path):
   tuned = demo.load(random_workdir, adapter=str(tmp_path / "adapter"))
   assert tuned.name == "adapter"
   want = lora_lib.merge({**base, **adapters}, model.lora)
-  got = flatten(tuned.params)
+  got = tree.flatten(tree.stack_layers(tuned.params))
   for k in want:
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=1e-6, err_msg=k)
   assert not np.allclose(got["llm/layers/mlp/linear"], base["llm/layers/mlp/linear"])

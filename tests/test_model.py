@@ -93,6 +93,44 @@ def test_unstacked_equals_stacked_and_remat_keeps_gradients():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g_ref, g_remat)
 
 
+def _batch_dots(jaxpr):
+  """The batch dimensions of every dot_general in a jaxpr, its sub-jaxprs included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(tuple(eqn.params["dimension_numbers"][1][1]))
+    for v in eqn.params.values():
+      sub = getattr(v, "jaxpr", v)
+      if hasattr(sub, "eqns"):
+        out += _batch_dots(sub)
+  return out
+
+
+@pytest.mark.parametrize("eqn,x_shape,w_shape,batched", [
+    ("BTD,NDH->BTNH", (2, 1, 8), (4, 8, 5), True),  # q_einsum, decoding: in place.
+    ("BTD,NDH->BTNH", (4, 8, 8), (4, 8, 5), False),  # Many rows: the plain einsum.
+    ("BTD,SKDH->SBTKH", (3, 1, 8), (2, 2, 8, 5), True),  # kv_einsum.
+    ("...D,SDF->S...F", (4, 8, 8), (2, 8, 6), True),  # gating_einsum, any number of rows.
+    ("BND,DHK->BNHK", (1, 1, 8), (8, 2, 3), False),  # Nothing to batch over.
+])
+def test_weights_with_leading_axes_are_read_as_a_batch_of_matrices(eqn, x_shape, w_shape,
+                                                                     batched):
+  """layers.cast_einsum: the einsum's values and gradients, as a batch of matrices over
+  the weight's leading axes where x has few rows (or those axes lead the output)."""
+  from paligemma.models import layers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+  ours = lambda x, w: layers.cast_einsum(eqn, x, w, "float32")
+  ref = lambda x, w: jnp.einsum(eqn, x, w, precision="highest")
+  np.testing.assert_allclose(jax.jit(ours)(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w))), (0, 1)))(x, w)
+           for f in (ours, ref)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
+  dots = _batch_dots(jax.make_jaxpr(ours)(x, w).jaxpr)
+  assert dots and all(bool(d) == batched for d in dots), dots
+
+
 @pytest.mark.parametrize("param_dtype,dtype", [("bfloat16", "bfloat16"), ("float32", "bfloat16"),
                                                ("float16", "float16")])
 def test_param_and_compute_dtypes_are_separate(param_dtype, dtype):

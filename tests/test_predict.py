@@ -87,6 +87,27 @@ def test_load_for_inference_errors(tmp_path, random_workdir):
   assert run_config["input"]["text_len"] == 12
 
 
+def test_inference_on_cpu_keeps_layers_apart_and_decodes_as_stacked(random_workdir):
+  """On a CPU the inference loader keeps each layer's weights apart (decoding reads them
+  in place) and decodes the tokens of the run's stacked layout."""
+  from paligemma import decode  # pylint: disable=g-import-not-at-top
+  model, params, _, _ = predict.load_for_inference(random_workdir)
+  assert jax.default_backend() == "cpu"
+  assert not model.scan and "layers_1" in params["llm"] and "layers" not in params["llm"]
+  stacked_params, _ = checkpoint.load(os.path.join(random_workdir, "params.npz"))
+  stacked = Model(**TINY)
+  rng = np.random.default_rng(3)
+  text = rng.integers(3, 1000, (3, 5)).astype(np.int32)
+  batch = dict(image=rng.uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32), text=text,
+               mask_ar=np.zeros_like(text), mask_input=np.ones_like(text))
+  for sampler in ("greedy", "beam(2)"):
+    got = decode.decode(model, params, batch, max_decode_len=5, sampler=sampler, eos_id=None)
+    want = decode.decode(stacked, stacked_params, batch, max_decode_len=5, sampler=sampler,
+                         eos_id=None)
+    np.testing.assert_array_equal(got["tokens"], want["tokens"])
+    np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)
+
+
 def test_predict_segment_prompt_needs_a_vae_and_draws(random_workdir, tmp_path):
   """Plumbing of segment prompts (the trained demo's masks: test_shapes_demo.py)."""
   paths = [p for p, _ in _fresh_images(str(tmp_path), "caption", 2)]

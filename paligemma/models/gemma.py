@@ -117,14 +117,13 @@ class FeedForward(layers.Layer):
     gating_shape, linear_shape = (2, d, self.mlp_dim), (self.mlp_dim, d)
     gating = self.weight("gating_einsum", fan_in_normal((1,)), gating_shape)
     linear = self.weight("linear", fan_in_normal((0,)), linear_shape)
-    dense = lambda x, w: layers.cast_einsum("...D,DF->...F", x, w, self.dtype)
-    # (tree.map: a quantized weight (quant.QArray) is indexed on its codes and scales.)
-    gate, up = (dense(x, jax.tree.map(lambda a, i=i: a[i], gating)) for i in (0, 1))
+    # A batch of two matrices (layers.cast_einsum): both halves read in place.
+    gate, up = layers.cast_einsum("...D,SDF->S...F", x, gating, self.dtype)
     delta = self.adapter("gating_einsum", gating_shape, "...D,SDF->S...F", x)
     if delta is not None:
       gate, up = layers.add_adapter(gate, delta[0]), layers.add_adapter(up, delta[1])
     h = layers.gelu_tanh(gate) * up
-    return layers.add_adapter(dense(h, linear),
+    return layers.add_adapter(layers.cast_einsum("...F,FD->...D", h, linear, self.dtype),
                               self.adapter("linear", linear_shape, "...F,FD->...D", h))
 
 
