@@ -25,6 +25,13 @@ PRESETS = {
                    llm=dict(variant="gemma_tiny", width=256, depth=4, mlp_dim=1024,
                             num_heads=4, num_kv_heads=1, head_dim=64, vocab_size=257_152)),
         dtype="float32", batch=8, text_len=32, prompt_len=8, decode_steps=16, steps=5),
+    # Gemma 2B's layers (two of them) and vocabulary, float32, on a CPU: decoding at the
+    # real widths, where the layers' weights, not only the embedding, are read every step
+    # (2.9 GB of weights; a few minutes a side on 2 cores).
+    "cpu-2b-2layers": dict(
+        model=dict(img=dict(variant="Ti/16", image_size=112),
+                   llm=dict(variant="gemma_2b", depth=2)),
+        dtype="float32", batch=2, text_len=32, prompt_len=8, decode_steps=8, steps=2),
     # PaliGemma 2 3B at 224 px, random weights, for an accelerator.
     "gpu-3b": dict(
         model=dict(img=dict(variant="So400m/14", image_size=224),
