@@ -27,7 +27,7 @@ PRESETS = {
         dtype="float32", batch=8, text_len=32, prompt_len=8, decode_steps=16, steps=5),
     # Gemma 2B's layers (two of them) and vocabulary, float32, on a CPU: decoding at the
     # real widths, where the layers' weights, not only the embedding, are read every step
-    # (2.9 GB of weights; a few minutes a side on 2 cores).
+    # (2.9 GB of weights; about a minute a side on 2 cores).
     "cpu-2b-2layers": dict(
         model=dict(img=dict(variant="Ti/16", image_size=112),
                    llm=dict(variant="gemma_2b", depth=2)),

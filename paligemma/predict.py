@@ -110,8 +110,8 @@ def load_for_inference(checkpoint, *, tokenizer=None, model_config=None, dtype=N
   model_config: optional partial {"img", "llm"} overriding the file's (e.g. image_size);
   adapter: a PEFT LoRA adapter directory (or a LoRA run's workdir), merged into the
   weights as they load. The layers are stacked as the run had them (`Model.scan`), except
-  on a CPU, where they are kept apart (`decode.stacked_layers`). run_config: the workdir's config.json as a dict ({} for other
-  checkpoints).
+  on a CPU, where they are kept apart (`decode.stacked_layers`). run_config: the
+  workdir's config.json as a dict ({} for other checkpoints).
   """
   from paligemma.models import build  # pylint: disable=g-import-not-at-top
   from paligemma import decode  # pylint: disable=g-import-not-at-top
