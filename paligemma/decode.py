@@ -100,6 +100,7 @@ class Decoder:
 
   def __call__(self, params, batch, seed=0):
     """Decodes a batch {image float32[B,H,W,3], text, mask_ar, mask_input int32[B,T]}."""
+    _check_layers(self.model, params)
     s = self.sampler
     # Only the loop's structure is static; temperature, top-k, top-p and eos are
     # arguments, so decoders that differ in them share one compiled program.
@@ -116,6 +117,7 @@ class Decoder:
     """(logits float32[B, V] of the first new token, the `Cache`): the image + prompt
     forward pass and the output layer, the first step of `__call__` (benchmarks; greedy
     decoding of several rows on a CPU makes the same logits vocabulary-first)."""
+    _check_layers(self.model, params)
     return _prefill_logits(self.model, self.max_decode_len, self.layout(params), params,
                            batch["image"], batch["text"], batch["mask_ar"],
                            batch["mask_input"])
@@ -124,6 +126,17 @@ class Decoder:
   def texts(tokenizer, out):
     """list[str] of the generated text of each example, cut at the first eos."""
     return [tokenizer.decode(row) for row in jax.device_get(out["tokens"])]
+
+
+def _check_layers(model, params):
+  """A ValueError unless params and model keep the layers alike (stacked: Model.scan)."""
+  stacked = "layers" in params["llm"]
+  if stacked != model.scan:
+    raise ValueError(
+        f"The params keep the layers {'stacked' if stacked else 'apart (layers_i)'} but the "
+        f"model was built with scan={model.scan}: build it with scan={stacked} "
+        f"(build.build_model(config, scan={stacked})) or load the params with "
+        f"checkpoint.load(..., stacked={model.scan}).")
 
 
 # -- inside jit ----------------------------------------------------------------------

@@ -145,6 +145,23 @@ def test_greedy_vocab_first_gives_the_rows_decode():
     np.testing.assert_allclose(alone["logprobs"][0], batched["logprobs"][b], atol=1e-5)
 
 
+def test_layers_apart_decode_alike_and_a_mismatch_is_named():
+  """Per-layer weights (scan=False: inference's layout on a CPU) decode the tokens of the
+  stacked model (Gemma 2: sliding window on alternate layers); params in the other
+  layout than the model's are refused with the fix."""
+  from paligemma.checkpoint import tree  # pylint: disable=g-import-not-at-top
+  model, params, batch = _setup(2)
+  apart, per_layer = model.clone(scan=False), tree.unstack_layers(params)
+  got = decode.decode(apart, per_layer, batch, max_decode_len=STEPS, eos_id=None)
+  want = _run(2, "greedy")
+  np.testing.assert_array_equal(got["tokens"], want["tokens"])
+  np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)
+  with pytest.raises(ValueError, match=r"apart .* scan=True: build it with scan=False"):
+    decode.decode(model, per_layer, batch, max_decode_len=2)
+  with pytest.raises(ValueError, match=r"stacked=False"):
+    decode.Decoder(apart, max_decode_len=2).prefill(params, batch)
+
+
 def test_beam_1_equals_greedy():
   greedy, beam = _run(2, "greedy"), _run(2, "beam(1)")
   np.testing.assert_array_equal(beam["tokens"], greedy["tokens"])
