@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from paligemma import sampling
 from paligemma import sharding
 from paligemma import tokenizer as tokenizer_lib
+from paligemma.checkpoint import tree
 from paligemma.models import gemma
 from paligemma.models.paligemma import Model
 
@@ -130,7 +131,7 @@ class Decoder:
 
 def _check_layers(model, params):
   """A ValueError unless params and model keep the layers alike (stacked: Model.scan)."""
-  stacked = "layers" in params["llm"]
+  stacked = tree.is_stacked(params)
   if stacked != model.scan:
     raise ValueError(
         f"The params keep the layers {'stacked' if stacked else 'apart (layers_i)'} but the "

@@ -129,11 +129,14 @@ def cast_einsum(eqn, x, w, dtype):
   cast copy for the backward pass, and a scan over layers stacks them into a second,
   wider copy of every weight (4 GiB of float32 copies of the float16 frozen MLPs of
   PaliGemma 2 3B at batch 10).
+
+  A weight whose leading axes x lacks is contracted as a batch of matrices over them
+  where that reads it in place and is faster (see FEW_ROWS).
   """
   lhs, rest = eqn.split(",")
   rhs, out = rest.split("->")
   lead = _lead_axes(lhs, rhs)
-  if lead and (out.startswith(lead) or few_rows(x, eqn)):
+  if lead and (out.startswith(lead) or _few_rows(x, lhs, rhs)):
     return _batched_einsum(lead, lhs, rhs, out, x, w, dtype)
   return quant.einsum(eqn, x, w, dtype)
 
@@ -150,11 +153,9 @@ def cast_einsum(eqn, x, w, dtype):
 FEW_ROWS = 16
 
 
-def few_rows(x, eqn):
-  """Whether x of einsum(eqn, x, w) has at most FEW_ROWS rows (the product of the axes
-  it does not contract with w)."""
-  lhs, rest = eqn.split(",")
-  rhs = rest.split("->")[0]
+def _few_rows(x, lhs, rhs):
+  """Whether x of einsum(f"{lhs},{rhs}->...", x, w) has at most FEW_ROWS rows (the
+  product of the axes it does not contract with w)."""
   letters = list(lhs)
   if "..." in lhs:
     pre, post = lhs.split("...")
