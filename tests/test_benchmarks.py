@@ -72,7 +72,7 @@ def test_decode_cpu_small(tmp_path):
 
 def test_decode_step_profile_prints_each_part():
   proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "decode_step_profile.py"),
-                         "--batch", "4", "--steps", "1"], capture_output=True, text=True,
+                         "--batch", "16", "--steps", "1"], capture_output=True, text=True,
                         timeout=600, cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   ms = {m[0]: float(m[1]) for m in re.findall(r"^  (\w+)\s+([\d.]+) ms", proc.stdout, re.M)}

@@ -236,7 +236,8 @@ RULES = [
          extra=TINY_TOWERS, check=_stdout_has(r"^fits: (yes|NO)")),
     Rule("plan", r"python -m paligemma\.plan --config transfers/colab_t4\.py --device t4",
          extra=TINY_TOWERS, check=_stdout_has(r"^fits: (yes|NO)")),
-    # tests/test_benchmarks.py runs these two with --quick (one timed repetition).
+    # tests/test_benchmarks.py runs these with --quick (one timed repetition), and the
+    # decode step profile with one timed step.
     Rule("bench train step", r"python benchmarks/train_step\.py --preset cpu-small "
          r"--out results\.jsonl", kind="mapped",
          mapped=("tests/test_benchmarks.py", '_run("train_step.py"', '"--preset"', '"cpu-small"',
@@ -249,7 +250,8 @@ RULES = [
          r"--out results\.jsonl", kind="mapped",
          mapped=("tests/test_benchmarks.py", '_run("lora_train_step.py"')),
     Rule("bench decode step", r"python benchmarks/decode_step_profile\.py --batch 16",
-         extra=("--steps", "1"), check=_stdout_has(r"output_layer")),
+         kind="mapped", mapped=("tests/test_benchmarks.py", '"decode_step_profile.py"',
+                                '"--batch", "16"')),
     Rule("bench input", r"python benchmarks/input_pipeline\.py",
          extra=("--steps", "2", "--warmup", "1", "--num_files", "4", "--batch_size", "2",
                 "--image_size", "32", "--text_len", "16"),
