@@ -22,7 +22,8 @@ What stands in for the real things, in their real formats:
                               itself is run in full by tests/test_shapes_demo.py)
 The pretrained configs get `--config.model.{img,llm}.variant` overrides naming the tiny
 towers, 32 px images, 2 steps at batch 2, small evaluation batches; the other benchmarks
-get their smallest arguments. `pytest -s` prints each command's CPU and wall seconds.
+get their smallest arguments. XLA compiles at optimization level 0 (XLA_FLAGS, set, not
+inherited). `pytest -s` prints each command's CPU and wall seconds.
 """
 
 import concurrent.futures
@@ -497,13 +498,14 @@ def _environment(root):
   os.chmod(wrapper, 0o755)
   env = {k: v for k, v in os.environ.items()
          if k not in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_KERNEL_RUN_TYPE",
-                      "COLAB_RELEASE_TAG", "XLA_FLAGS")}
+                      "COLAB_RELEASE_TAG")}
   env.update(
       PATH=bin_dir + os.pathsep + env.get("PATH", ""),
       PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p),
       JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", CI="true",
-      # XLA's CPU backend at optimization level 0 (as test_multidevice.py): the commands'
-      # short runs are mostly compiling, which this makes ~20% faster; the code is the same.
+      # XLA's CPU backend at optimization level 0 (as test_multidevice.py), in place of any
+      # XLA_FLAGS of the caller: the commands' short runs are mostly compiling, which this
+      # makes ~20% faster; the code is the same.
       XLA_FLAGS="--xla_backend_optimization_level=0",
       KAGGLEHUB_CACHE=os.path.join(root, "kagglehub"),
       KAGGLE_API_ENVIRONMENT="TEST",  # kagglehub talks to localhost:7777: refused.
