@@ -34,6 +34,11 @@ def random_params(config, seed=0, dtype=np.float32):
   return tree.unflatten({n: rng.standard_normal(s).astype(dtype) for n, s in shapes.items()})
 
 
+# XLA's CPU backend at optimization level 0: compiling is several times faster, the code
+# the same; for child runs that mostly compile (the multi-device runs, the README's).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
 def subprocess_env(devices=1, **extra):
   """os.environ for a child JAX process on the CPU (N virtual devices), TF quiet."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu", **extra)

@@ -28,12 +28,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(REPO, "tests", "workers")
 
 from paligemma.trainer import metrics as metrics_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conftest import FAST_COMPILE  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 STEPS, BATCH = 20, 8
 ARG = f"steps={STEPS},batch_size={BATCH},evals=False"
 FLAGS = ["--config.ckpt_every=10", "--config.log_every=1", "--config.progress=False"]
 TOLERANCE = 1e-5  # Of max(1, |loss|).
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def env(cache=None, devices=1, **extra):
